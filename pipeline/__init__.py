@@ -1,0 +1,1 @@
+"""Train and compare Keras CNNs: DVC stages, MLflow tracking and registry."""

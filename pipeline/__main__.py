@@ -1,0 +1,118 @@
+"""`python -m pipeline <command>`: one subcommand per DVC stage, plus tools.
+
+Each command loads only the params.yaml sections it reads, calls the stage's
+plain `run` function, and turns a PipelineError into one line on stderr and
+its exit code (2 for bad input, 1 for a refused promotion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline import config
+from pipeline.errors import PipelineError
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from pipeline.data import fetch
+
+    summary = fetch.run(config.load("fetch", args.params))
+    print(f"fetch: {summary['num_images']} images, {len(summary['classes'])} classes -> data/raw")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pipeline.data import prepare
+
+    card = prepare.run(config.load("prepare", args.params))
+    print(f"prepare: {card['totals']} images of {card['image_shape']} -> data/prepared")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline import train
+
+    params = config.read_params(args.params)
+    result = train.run(
+        config.load("model", params=params),
+        config.load("train", params=params),
+        config.load("mlflow", params=params),
+    )
+    print(
+        f"train: {result.seconds:.1f}s, {result.images_per_second:.0f} images/s, "
+        f"policy {result.policy}"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline import evaluate
+
+    report = evaluate.run(config.load("evaluate", args.params))
+    print(
+        f"evaluate: test top-1 {report['test_top1']:.4f}, top-5 {report['test_top5']:.4f}, "
+        f"loss {report['test_loss']:.4f}"
+    )
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from pipeline import register
+
+    register.run(config.load("register", args.params))
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from pipeline import register
+
+    register.promote(
+        config.load("register", args.params), name=args.name, version=args.version, force=args.force
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    config.load_all(args.params)
+    print(f"{args.params}: valid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=config.DEFAULT_PARAMS,
+        help="params file (default: params.yaml)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, func, text in [
+        ("fetch", cmd_fetch, "download/extract raw images to data/raw"),
+        ("prepare", cmd_prepare, "decode, resize, split to data/prepared"),
+        ("train", cmd_train, "train the model, log the MLflow run"),
+        ("evaluate", cmd_evaluate, "test metrics and plots"),
+        ("register", cmd_register, "register the model, alias 'challenger'"),
+        ("check", cmd_check, "validate params.yaml"),
+    ]:
+        commands.add_parser(name, help=text).set_defaults(func=func)
+    promote = commands.add_parser("promote", help="move alias 'champion' to a better version")
+    promote.add_argument("--name", help="registered model (default: register.model_name)")
+    promote.add_argument("--version", help="version to promote (default: @challenger)")
+    promote.add_argument("--force", action="store_true", help="promote even if worse")
+    promote.set_defaults(func=cmd_promote)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

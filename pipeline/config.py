@@ -1,0 +1,281 @@
+"""params.yaml -> typed, validated config objects.
+
+Each stage loads only the sections it reads (DVC's params dependencies list
+exactly those keys). Validation happens here, once: an unknown key, a wrong
+type or an out-of-range value raises ConfigError naming the key and what is
+allowed, before any stage writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _range(
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> dict[str, float]:
+    bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le}
+    return {"bounds": {k: v for k, v in bounds.items() if v is not None}}
+
+
+def _num(default: Any, **bounds: float) -> Any:
+    return field(default=default, metadata=_range(**bounds))
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Where raw images come from."""
+
+    source: Literal["digits", "archive"] = "digits"
+    # archive: a local path, file:// URL or http(s):// URL of a .tar.gz/.tgz/.tar/.zip
+    url: str = ""
+    # optional hex sha256 the archive must match
+    sha256: str = ""
+    timeout_s: float = _num(60.0, gt=0)
+
+    def __post_init__(self) -> None:
+        if self.source == "archive" and not self.url:
+            raise ConfigError("params.yaml: fetch.url is required when fetch.source is 'archive'")
+        digest = self.sha256.lower()
+        if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+            raise ConfigError(
+                f"params.yaml: fetch.sha256 must be 64 hex digits, got {self.sha256!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Decode, resize and split the raw images."""
+
+    image_size: int = _num(16, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    val_fraction: float = _num(0.15, ge=0, lt=1)
+    test_fraction: float = _num(0.15, gt=0, lt=1)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                "params.yaml: prepare.val_fraction + prepare.test_fraction must be < 1, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which architecture to build, and its generic options."""
+
+    arch: str = "simple_cnn"
+    dropout: float = _num(0.2, ge=0, lt=1)
+    width_multiplier: float = _num(1.0, gt=0, le=8)
+    # no early downsampling: for 32x32 and smaller inputs
+    small_input: bool = True
+
+    def __post_init__(self) -> None:
+        from pipeline.models.registry import list_models
+
+        names = list_models()
+        if self.arch not in names:
+            raise ConfigError(
+                f"params.yaml: model.arch {self.arch!r} is unknown; allowed: {', '.join(names)}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule, precision and length of training."""
+
+    epochs: int = _num(30, ge=1)
+    batch_size: int = _num(64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    learning_rate: float = _num(0.003, gt=0, le=10)
+    momentum: float = _num(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = _num(0.0005, ge=0)
+    warmup_epochs: int = _num(2, ge=0)
+    # auto: mixed_bfloat16 on GPUs of compute capability >= 8, float32 elsewhere
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"params.yaml: train.warmup_epochs ({self.warmup_epochs}) must be less than "
+                f"train.epochs ({self.epochs})"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How the test split is scored."""
+
+    batch_size: int = _num(256, ge=1)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where runs are grouped. The store itself comes from MLFLOW_TRACKING_URI."""
+
+    experiment: str = "cnn-pipeline"
+
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError("params.yaml: mlflow.experiment must not be empty")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Registry name and the promotion gate."""
+
+    model_name: str = "cnn-classifier"
+    # the test metric promotion compares (a key of metrics/eval.json)
+    metric: str = "test_top1"
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise ConfigError("params.yaml: register.model_name must not be empty")
+
+
+SECTIONS: dict[str, type] = {
+    "fetch": FetchConfig,
+    "prepare": PrepareConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "mlflow": MlflowConfig,
+    "register": RegisterConfig,
+}
+
+
+def read_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read params.yaml as a mapping; a missing or non-YAML file is a ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: file not found (run from the project root or pass --params)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load(section: str, path: Path = DEFAULT_PARAMS, params: dict[str, Any] | None = None):
+    """Parse one section of params.yaml into its config object."""
+    if params is None:
+        params = read_params(path)
+    raw = params.get(section, {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml: {section} must be a mapping, got {type(raw).__name__}")
+    return parse(SECTIONS[section], raw, prefix=section)
+
+
+def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Every section, validated: for `pipeline check` and for tests."""
+    params = read_params(path)
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}"
+        )
+    return {name: load(name, params=params) for name in SECTIONS}
+
+
+def parse(cls: type, raw: dict[str, Any], prefix: str):
+    """Build dataclass `cls` from `raw`, checking keys, types and bounds."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(
+                f"params.yaml: unknown key {prefix}.{key}; allowed: {', '.join(fields)}"
+            )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}"
+        values[name] = _coerce(value, hints[name], key)
+        _check_bounds(values[name], fields[name].metadata.get("bounds", {}), key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            shown = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"params.yaml: {key} must be one of {shown}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None) and value is None:
+                return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"params.yaml: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params.yaml: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"params.yaml: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"params.yaml: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug, not bad input
+
+
+_BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_BOUND_TEST = {
+    "gt": lambda v, b: v > b,
+    "ge": lambda v, b: v >= b,
+    "lt": lambda v, b: v < b,
+    "le": lambda v, b: v <= b,
+}
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
+    for kind, bound in bounds.items():
+        if not _BOUND_TEST[kind](value, bound):
+            raise ConfigError(
+                f"params.yaml: {key} must be {_BOUND_TEXT[kind]} {bound:g}, got {value!r}"
+            )
+
+
+def flatten(config: Any, prefix: str) -> dict[str, Any]:
+    """`{"train.epochs": 30, ...}` for logging a config object as MLflow params."""
+    return {f"{prefix}.{k}": v for k, v in dataclasses.asdict(config).items()}

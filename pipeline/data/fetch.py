@@ -1,0 +1,271 @@
+"""The fetch stage: raw images in image-folder layout at data/raw, replaced atomically.
+
+Output: `out_dir/[<split>/]<class>/<image files>` plus `out_dir/source.json`
+(where the data came from, its checksum, counts). Everything is built in a
+hidden sibling directory and renamed into place only when complete, so a failed
+fetch leaves the previous `out_dir` exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import FetchConfig
+from pipeline.data.archive import archive_kind, archive_name, download, safe_extract
+from pipeline.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+# Folder names that mean "split layout", and the name each one is written as.
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+# Root-level files worth keeping beside the class folders.
+KEEP_FILES = ("classes.txt",)
+IGNORED_DIRS = frozenset({"__MACOSX"})
+
+
+def run(cfg: FetchConfig, out_dir: Path = Path("data/raw")) -> dict:
+    """Produce `out_dir` from `cfg` and return the dict also written to source.json."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = _make_work_dir(out_dir)
+    except OSError as exc:
+        raise DataError(f"fetch: cannot create {out_dir} ({exc.strerror or exc})") from exc
+    try:
+        info = _fetch_digits(work) if cfg.source == "digits" else _fetch_archive(cfg, work)
+        (work / "source.json").write_text(json.dumps(info, indent=2) + "\n")
+        _swap_into_place(work, out_dir)
+    except OSError as exc:
+        raise DataError(f"fetch: writing {out_dir} failed ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gone already after a successful swap
+    return info
+
+
+def _make_work_dir(out_dir: Path) -> Path:
+    """A hidden sibling of out_dir (same filesystem, so the final rename is atomic)."""
+    work = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    work.mkdir()
+    return work
+
+
+def _swap_into_place(work: Path, out_dir: Path) -> None:
+    """Move any old out_dir aside, rename work to out_dir, then delete the old one."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+        os.replace(out_dir, old)
+    try:
+        os.replace(work, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _fetch_digits(work: Path) -> dict:
+    """scikit-learn's bundled 8x8 digits (offline) as grayscale PNGs, one folder per digit."""
+    from sklearn.datasets import load_digits  # slow import; only this source needs it
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    classes = [str(c) for c in np.unique(labels)]
+    for name in classes:
+        (work / name).mkdir()
+    for index, (image, label) in enumerate(zip(pixels, labels, strict=True)):
+        Image.fromarray(image).save(work / str(label) / f"{index:04d}.png")
+    digest = hashlib.sha256(pixels.tobytes() + labels.tobytes()).hexdigest()
+    return _source_info("digits", "sklearn.datasets.load_digits", digest, len(labels), classes, [])
+
+
+def _source_info(
+    source: str, url: str, sha256: str, num_images: int, classes: list[str], splits: list[str]
+) -> dict:
+    return {
+        "source": source,
+        "url": url,
+        "sha256": sha256,
+        "num_images": num_images,
+        "classes": classes,
+        "splits": splits,
+    }
+
+
+# --------------------------------------------------------------------------- archive
+
+
+@dataclass
+class Layout:
+    """What was found at the dataset root inside an archive."""
+
+    root: Path
+    # output name -> folder (classes, or splits when `split` is true)
+    folders: dict[str, Path] = field(default_factory=dict)
+    split: bool = False
+    classes: list[str] = field(default_factory=list)
+    num_images: int = 0
+
+
+def _fetch_archive(cfg: FetchConfig, work: Path) -> dict:
+    """Download, extract, find the image-folder root and move its content into `work`."""
+    archive_kind(cfg.url)  # an unsupported type fails before a long download
+    archive = work / f".download-{archive_name(cfg.url)}"
+    digest = download(cfg.url, archive, sha256=cfg.sha256, timeout_s=cfg.timeout_s)
+    extracted = work / ".extracted"
+    safe_extract(archive, extracted, label=cfg.url)
+    archive.unlink()
+    layout = _read_layout(_dataset_root(extracted), extracted, cfg.url)
+    _move_layout(layout, work)
+    shutil.rmtree(extracted)
+    splits = sorted(layout.folders) if layout.split else []
+    return _source_info("archive", cfg.url, digest, layout.num_images, layout.classes, splits)
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Subfolders, minus hidden ones and macOS zip litter (__MACOSX)."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS
+    )
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`."""
+    return [p for p in folder.iterdir() if p.is_file() and _is_image(p)]
+
+
+def _count_images(folder: Path) -> int:
+    """Image files anywhere under `folder` (hidden folders skipped)."""
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in IGNORED_DIRS]
+        count += sum(1 for f in filenames if _is_image(Path(dirpath, f)))
+    return count
+
+
+def _dataset_root(top: Path) -> Path:
+    """Descend through lone wrapper folders (e.g. `cifar10/`) down to the dataset root.
+
+    Stops at a folder with images, with several subfolders, or whose lone subfolder
+    is a split name (so `cifar10/train/<class>` keeps its `train` split).
+    """
+    current = top
+    while True:
+        dirs = _visible_dirs(current)
+        if len(dirs) != 1 or _images_in(current) or dirs[0].name.lower() in SPLIT_NAMES:
+            return current
+        current = dirs[0]
+
+
+def _shown(folder: Path, top: Path, url: str) -> str:
+    """A folder as the user knows it: its path inside the archive, and the archive."""
+    rel = folder.relative_to(top).as_posix()
+    return f"the top level of {url}" if rel == "." else f"{rel}/ (in {url})"
+
+
+def _read_layout(root: Path, top: Path, url: str) -> Layout:
+    """Classify root as split or class layout and validate it; DataError names the folder."""
+    dirs = _visible_dirs(root)
+    if not dirs:
+        raise DataError(f"fetch: no class folders found at {_shown(root, top, url)}")
+    _refuse_loose_images(root, top, url)
+    if all(d.name.lower() in SPLIT_NAMES for d in dirs):
+        return _read_split_layout(root, dirs, top, url)
+    classes, count = _read_classes(root, top, url)
+    return Layout(root, {d.name: d for d in dirs}, False, classes, count)
+
+
+def _refuse_loose_images(folder: Path, top: Path, url: str) -> None:
+    if _images_in(folder):
+        raise DataError(
+            f"fetch: {_shown(folder, top, url)} holds image files outside class folders "
+            "(expected <class>/<image> or <split>/<class>/<image>)"
+        )
+
+
+def _read_split_layout(root: Path, dirs: list[Path], top: Path, url: str) -> Layout:
+    """`<split>/<class>/<img>`: every split must hold the same set of classes."""
+    splits: dict[str, Path] = {}
+    for folder in dirs:
+        name = SPLIT_NAMES[folder.name.lower()]
+        if name in splits:
+            raise DataError(
+                f"fetch: {_shown(root, top, url)} has two folders for split {name!r}: "
+                f"{splits[name].name} and {folder.name}"
+            )
+        splits[name] = folder
+    per_split = {}
+    total = 0
+    for name, folder in sorted(splits.items()):
+        _refuse_loose_images(folder, top, url)
+        per_split[name], count = _read_classes(folder, top, url)
+        total += count
+    _check_same_classes(per_split, root, top, url)
+    classes = next(iter(per_split.values()))
+    return Layout(root, splits, True, classes, total)
+
+
+def _read_classes(folder: Path, top: Path, url: str) -> tuple[list[str], int]:
+    """Sorted class names under `folder` and their image count; each class needs images."""
+    dirs = _visible_dirs(folder)
+    if not dirs:
+        raise DataError(f"fetch: no class folders found at {_shown(folder, top, url)}")
+    total = 0
+    for class_dir in dirs:
+        count = _count_images(class_dir)
+        if count == 0:
+            raise DataError(f"fetch: class folder {_shown(class_dir, top, url)} has no images")
+        total += count
+    if len(dirs) < 2:
+        raise DataError(
+            f"fetch: {_shown(folder, top, url)} has only one class folder ({dirs[0].name}); "
+            "a classifier needs at least 2"
+        )
+    return sorted(d.name for d in dirs), total
+
+
+def _check_same_classes(per_split: dict[str, list[str]], root: Path, top: Path, url: str) -> None:
+    every = sorted(set().union(*per_split.values()))
+    for split, classes in per_split.items():
+        missing = sorted(set(every) - set(classes))
+        if missing:
+            raise DataError(
+                f"fetch: splits at {_shown(root, top, url)} have different classes: "
+                f"{split} lacks {', '.join(missing)}"
+            )
+
+
+def _move_layout(layout: Layout, work: Path) -> None:
+    """Rename class (or split) folders and kept files from the root into `work`."""
+    for name, folder in layout.folders.items():
+        os.replace(folder, work / name)
+    for name in KEEP_FILES:
+        kept = layout.root / name
+        if kept.is_file():
+            os.replace(kept, work / name)

@@ -1,0 +1,80 @@
+"""Batches for Keras `fit` on any backend, read from the prepared `.npy` arrays.
+
+A `keras.utils.PyDataset` needs no TensorFlow, so the same loader feeds the
+TensorFlow, JAX and torch backends. Images stay uint8 until a batch is cut
+(the model scales them itself); the shuffle order of epoch `e` is a pure
+function of (seed, e), so a resumed run sees the same batches as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.data.layout import images_file, labels_file
+from pipeline.errors import DataError
+
+
+def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped images (N, H, W, C) uint8 and labels (N,) int32 of one split."""
+    try:
+        images = np.load(images_file(prepared_dir, split), mmap_mode="r")
+        labels = np.load(labels_file(prepared_dir, split))
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"{exc.filename} not found; run `python -m pipeline prepare` first"
+        ) from None
+    if len(images) != len(labels):
+        raise DataError(
+            f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels"
+        )
+    return images, labels
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """(float32 images, int32 labels) batches; shuffled per epoch when `shuffle`."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch `epoch`'s order; called by `fit` via EpochOrder, and when resuming."""
+        self.epoch = epoch
+        if self.shuffle:
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
+        else:
+            self.order = np.arange(len(self.labels))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        picked = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        return self.images[picked].astype(np.float32), self.labels[picked]
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Tells the training batches which epoch begins, so shuffles follow the epoch number."""
+
+    def __init__(self, batches: ArrayBatches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)

@@ -1,0 +1,206 @@
+"""Prepare stage: decode raw images, resize, split, and store them as NumPy arrays.
+
+Storage format: one uint8 `.npy` array of images (N, H, W, C) and one int32 array
+of labels per split. `.npy` needs nothing but NumPy to read, memory-maps (a
+data set larger than RAM streams from disk page by page), and decodes at copy
+speed, so the trainer feeds any Keras backend (JAX has no TensorFlow) without
+an input pipeline that could starve the accelerator. TFRecord would tie the
+trainer to TensorFlow; JPEG folders would be decoded again every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.config import PrepareConfig
+from pipeline.data.atomic import atomic_dir, write_json
+from pipeline.data.layout import (
+    IMAGE_SUFFIXES,
+    PREPARED_DIR,
+    RAW_DIR,
+    SPLITS,
+    data_card_file,
+    images_file,
+    labels_file,
+)
+from pipeline.errors import DataError
+
+SPLIT_ALIASES = {"validation": "val"}
+
+
+def list_images(raw_dir: Path) -> dict[str, list[tuple[Path, str]]]:
+    """Map split name ("all" when the archive has no splits) to (image path, class name)."""
+    source = _read_source(raw_dir)
+    splits = source.get("splits") or []
+    roots = {SPLIT_ALIASES.get(s, s): raw_dir / s for s in splits} if splits else {"all": raw_dir}
+    found: dict[str, list[tuple[Path, str]]] = {}
+    for split, root in roots.items():
+        items = []
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            items += [
+                (path, class_dir.name)
+                for path in sorted(class_dir.iterdir())
+                if path.suffix.lower() in IMAGE_SUFFIXES
+            ]
+        if not items:
+            raise DataError(f"prepare: no images under {root}")
+        found[split] = items
+    return found
+
+
+def _read_source(raw_dir: Path) -> dict:
+    path = raw_dir / "source.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"prepare: {path} not found; run `python -m pipeline fetch` first"
+        ) from None
+    except json.JSONDecodeError:
+        raise DataError(
+            f"prepare: {path} is not valid JSON; rerun `python -m pipeline fetch`"
+        ) from None
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode one image to uint8 (size, size, channels), whatever its mode or bit depth."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = _to_8bit(img)
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"prepare: cannot decode image {path} ({exc.__class__.__name__})") from None
+    return array.reshape(size, size, channels)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer grayscale would be clipped by convert("L"): rescale instead."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        return Image.fromarray(np.clip(wide * 255.0 / peak, 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        return img.convert("RGBA")
+    return img
+
+
+def decode_all(items: list[tuple[Path, str]], size: int, channels: int) -> np.ndarray:
+    """Decode images in threads (PIL releases the GIL while decoding)."""
+    images = np.empty((len(items), size, size, channels), dtype=np.uint8)
+    with ThreadPoolExecutor() as pool:
+        arrays = pool.map(lambda item: load_image(item[0], size, channels), items, chunksize=256)
+        for i, array in enumerate(arrays):
+            images[i] = array
+    return images
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, carved): `fraction` of every class carved out, seeded and deterministic."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    if fraction == 0:
+        return indices, indices[:0]
+    try:
+        keep, carved = train_test_split(
+            indices, test_size=fraction, random_state=seed, stratify=labels
+        )
+    except ValueError as exc:
+        raise DataError(
+            f"prepare: cannot split {len(labels)} images stratified by class ({exc})"
+        ) from None
+    return np.sort(keep), np.sort(carved)
+
+
+def assign_splits(
+    found: dict[str, list[tuple[Path, str]]], classes: list[str], cfg: PrepareConfig
+) -> dict[str, tuple[list[Path], np.ndarray]]:
+    """Keep the archive's own splits; carve the missing val/test from train, stratified."""
+    index = {name: i for i, name in enumerate(classes)}
+    pool_name = "train" if "train" in found else "all"
+    pool = found[pool_name]
+    paths = [p for p, _ in pool]
+    labels = np.array([index[c] for _, c in pool], dtype=np.int32)
+    result = {}
+    for split, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
+        if split in found:
+            continue
+        # Fractions are of the whole pool: carve test first, then val from what remains.
+        share = fraction * len(pool) / len(paths)
+        keep, carved = stratified_split(labels, share, cfg.seed)
+        result[split] = ([paths[i] for i in carved], labels[carved])
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    result["train"] = (paths, labels)
+    for split in SPLITS:
+        if split in found:
+            items = found[split]
+            unknown = sorted({c for _, c in items} - set(index))
+            if unknown:
+                raise DataError(f"prepare: split {split} has classes not in train: {unknown}")
+            result[split] = (
+                [p for p, _ in items],
+                np.array([index[c] for _, c in items], dtype=np.int32),
+            )
+    return result
+
+
+def run(cfg: PrepareConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PREPARED_DIR) -> dict:
+    """Write train/val/test arrays and the data card to `out_dir`; return the card."""
+    source = _read_source(raw_dir)
+    found = list_images(raw_dir)
+    classes = sorted({c for items in found.values() for _, c in items})
+    if len(classes) < 2:
+        raise DataError(f"prepare: {raw_dir} has {len(classes)} class(es); need at least 2")
+    splits = assign_splits(found, classes, cfg)
+    card = {
+        "source": source,
+        "classes": classes,
+        "num_classes": len(classes),
+        "image_shape": [cfg.image_size, cfg.image_size, cfg.channels],
+        "prepare": asdict(cfg),
+        "counts": {},
+        "sha256": {},
+    }
+    digest = hashlib.sha256()
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            paths, labels = splits[split]
+            images = (
+                decode_all(list(zip(paths, labels, strict=True)), cfg.image_size, cfg.channels)
+                if paths
+                else np.zeros((0, cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
+            )
+            np.save(images_file(tmp, split), images)
+            np.save(labels_file(tmp, split), labels.astype(np.int32))
+            counts = Counter(int(v) for v in labels)
+            card["counts"][split] = {name: counts.get(i, 0) for i, name in enumerate(classes)}
+            split_digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+            card["sha256"][split] = split_digest
+            digest.update(split_digest.encode())
+        card["totals"] = {s: int(sum(card["counts"][s].values())) for s in SPLITS}
+        card["data_hash"] = digest.hexdigest()
+        write_json(data_card_file(tmp), card)
+    return card
+
+
+def read_card(prepared_dir: Path = PREPARED_DIR) -> dict:
+    """The data card written by `run`; a missing card means prepare has not run."""
+    path = data_card_file(prepared_dir)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run `python -m pipeline prepare` first") from None

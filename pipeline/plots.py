@@ -1,0 +1,257 @@
+"""PNG figures and the confusion CSV that the evaluate and train stages write.
+
+matplotlib is imported lazily, inside each function, so importing this module
+costs nothing. Figures are built as `matplotlib.figure.Figure` objects on the
+Agg canvas rather than through pyplot: they never enter pyplot's global figure
+registry, so nothing leaks across many calls and no GUI backend is touched;
+each function still closes its figure explicitly. Every function creates the
+parent directory of `path` and returns the path it wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Above this many classes, cell counts would be unreadable: colour only.
+MAX_ANNOTATED_CLASSES = 30
+# Above this many classes, tick labels would overlap: none are drawn.
+MAX_TICK_LABELS = 60
+DPI = 100
+
+
+def _new_figure(width: float, height: float):
+    """A Figure on the Agg canvas, outside pyplot's registry."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Save `fig` as PNG at `path` (parent created), then close it."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png", dpi=DPI)
+    finally:
+        _close(fig)
+    return out
+
+
+def _close(fig) -> None:
+    """Release a figure's memory; also drop it from pyplot if it is registered there."""
+    import sys
+
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+    fig.clear()
+
+
+def confusion_matrix_png(
+    cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike
+) -> Path:
+    """Heatmap of a confusion matrix (rows = true, columns = predicted).
+
+    Colour is row-normalised (the fraction of each true class), so rare classes
+    are as visible as common ones; the cells show raw counts, unless there are
+    more than MAX_ANNOTATED_CLASSES classes.
+    """
+    cm = np.asarray(cm)
+    n = len(class_names)
+    if cm.ndim != 2 or cm.shape != (n, n):
+        raise ValueError(f"confusion matrix shape {cm.shape} does not match {n} class names")
+    row_sums = cm.sum(axis=1, keepdims=True).astype(np.float64)
+    frac = np.zeros(cm.shape, dtype=np.float64)
+    np.divide(cm, row_sums, out=frac, where=row_sums != 0)
+
+    side = min(max(4.0, 0.45 * n + 2.5), 24.0)
+    fig = _new_figure(side + 1.0, side)
+    try:
+        ax = fig.add_subplot()
+        image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+        if n <= MAX_TICK_LABELS:
+            ax.set_xticks(
+                range(n),
+                labels=[str(c) for c in class_names],
+                rotation=45,
+                ha="right",
+                rotation_mode="anchor",
+            )
+            ax.set_yticks(range(n), labels=[str(c) for c in class_names])
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if n <= MAX_ANNOTATED_CLASSES:
+            fontsize = 9 if n <= 15 else 7
+            for i in range(n):
+                for j in range(n):
+                    ax.text(
+                        j,
+                        i,
+                        str(int(cm[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize=fontsize,
+                        color="white" if frac[i, j] > 0.5 else "black",
+                    )
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"Confusion matrix ({int(cm.sum())} images)")
+        fig.tight_layout()
+    except BaseException:
+        _close(fig)
+        raise
+    return _save(fig, path)
+
+
+# Panels: (title, y label, [(legend label, accepted history keys in order of preference)]).
+# Keras' own History keys ("loss", "accuracy") are accepted as the train series.
+_PANELS = (
+    ("Loss", "loss", [("train", ("train_loss", "loss")), ("val", ("val_loss",))]),
+    (
+        "Accuracy",
+        "accuracy",
+        [("train", ("train_accuracy", "accuracy")), ("val", ("val_accuracy",))],
+    ),
+    ("Learning rate", "learning rate", [("learning rate", ("learning_rate", "lr"))]),
+)
+
+
+def _series(history: Mapping[str, Sequence[float]], keys: Sequence[str]) -> list[float] | None:
+    """The first non-empty history series among `keys`, as floats, or None."""
+    for key in keys:
+        values = history.get(key)
+        if values is not None and len(values) > 0:
+            return [float("nan") if v is None else float(v) for v in values]
+    return None
+
+
+def training_curves_png(history: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
+    """Per-epoch curves side by side: loss, accuracy and learning rate, each if present.
+
+    `history` maps keys such as train_loss, val_loss, train_accuracy,
+    val_accuracy, learning_rate to one value per epoch; absent keys drop their
+    line, and a panel with no line is left out. Epochs are numbered from 1.
+    """
+    panels = []
+    for title, ylabel, lines in _PANELS:
+        found = [(label, s) for label, keys in lines if (s := _series(history, keys)) is not None]
+        if found:
+            panels.append((title, ylabel, found))
+    if not panels:
+        raise ValueError(
+            "history has no plottable series; expected some of train_loss, val_loss, "
+            f"train_accuracy, val_accuracy, learning_rate, got {sorted(history)}"
+        )
+
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(4.5 * len(panels), 3.8)
+    try:
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (title, ylabel, found) in zip(axes, panels, strict=True):
+            longest = 1
+            for label, values in found:
+                epochs = np.arange(1, len(values) + 1)
+                longest = max(longest, len(values))
+                ax.plot(
+                    epochs,
+                    values,
+                    marker="o" if len(values) <= 30 else None,
+                    markersize=3,
+                    label=label,
+                )
+            if title == "Learning rate":
+                positive = [v for _, vals in found for v in vals if np.isfinite(v) and v > 0]
+                if positive and max(positive) / min(positive) > 10:
+                    ax.set_yscale("log")
+            ax.set_xlim(0.5, longest + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            if len(found) > 1:
+                ax.legend()
+        fig.tight_layout()
+    except BaseException:
+        _close(fig)
+        raise
+    return _save(fig, path)
+
+
+def per_class_png(
+    report_per_class: Mapping[str, Mapping[str, float]], path: str | os.PathLike
+) -> Path:
+    """Grouped bar chart of precision and recall per class.
+
+    Takes the `per_class` part of `metrics.classification_report`: {name:
+    {"precision": .., "recall": .., ...}}, in the order given.
+    """
+    if not report_per_class:
+        raise ValueError("per-class report is empty")
+    names = [str(n) for n in report_per_class]
+    precision = [float(v["precision"]) for v in report_per_class.values()]
+    recall = [float(v["recall"]) for v in report_per_class.values()]
+    n = len(names)
+    x = np.arange(n)
+    width = 0.4
+
+    fig = _new_figure(min(max(6.0, 0.5 * n + 2.0), 30.0), 4.5)
+    try:
+        ax = fig.add_subplot()
+        ax.bar(x - width / 2, precision, width, label="precision")
+        ax.bar(x + width / 2, recall, width, label="recall")
+        if n <= MAX_TICK_LABELS:
+            ax.set_xticks(
+                x, labels=names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center"
+            )
+        else:
+            ax.set_xticks([])
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_xlabel("class")
+        ax.set_ylabel("score")
+        ax.set_title("Per-class precision and recall")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
+        fig.tight_layout()
+    except BaseException:
+        _close(fig)
+        raise
+    return _save(fig, path)
+
+
+def confusion_csv(
+    labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], path: str | os.PathLike
+) -> Path:
+    """Write `actual,predicted` rows of class names, one per test image.
+
+    This is the input DVC's `confusion` plot template reads
+    (`dvc plots show` with `x: actual`, `y: predicted`).
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    preds = np.asarray(preds).astype(np.int64)
+    n = len(class_names)
+    if labels.ndim != 1 or labels.shape != preds.shape:
+        raise ValueError(f"labels {labels.shape} and preds {preds.shape} must be 1-D, same length")
+    for name, values in (("labels", labels), ("preds", preds)):
+        if values.size and (values.min() < 0 or values.max() >= n):
+            raise ValueError(f"{name} must be in [0, {n}) for {n} class names")
+    names = [str(c) for c in class_names]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((names[a], names[p]) for a, p in zip(labels, preds, strict=True))
+    return out

@@ -1,0 +1,269 @@
+"""Everything MLflow: the run that spans train and evaluate, logging, and the registry.
+
+Stages are separate processes, so the run is shared through a file: train
+starts the run and writes its id to `data/model/mlflow_run.json` (a DVC output
+next to the model); evaluate reopens the run by that id to add test metrics and
+plots; register registers the model logged in that run. A DVC cache hit of
+train therefore keeps pointing at the run that produced the cached model.
+
+Only this module imports mlflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.layout import MODEL_DIR
+from pipeline.errors import PipelineError, PromotionRefused
+
+RUN_FILE = MODEL_DIR / "mlflow_run.json"
+DEFAULT_DB = Path("mlflow.db")
+DEFAULT_ARTIFACTS = Path("mlartifacts")
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else SQLite `mlflow.db` in the working directory (the repo root)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+
+
+def _mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, created on first use; artifacts go to `mlartifacts/` by default."""
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        location = DEFAULT_ARTIFACTS.resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def source_tags() -> dict[str, str]:
+    """Tags tying a run to its code: git commit, dirty flag, and the DVC experiment name."""
+    tags = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+@contextlib.contextmanager
+def training_run(
+    experiment: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> Iterator[str]:
+    """Start a run, log params and tags, write RUN_FILE; yield the run id.
+
+    An exception inside marks the run FAILED (mlflow's context manager does that).
+    """
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.set_tags({**source_tags(), **tags})
+        mlflow.log_params(params)
+        yield run.info.run_id
+
+
+def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:
+    from pipeline.data.atomic import write_json
+
+    write_json(
+        out_dir / RUN_FILE.name,
+        {"run_id": run_id, "model_uri": model_uri, "tracking_uri": tracking_uri()},
+    )
+
+
+def read_run_file(model_dir: Path = MODEL_DIR) -> dict[str, str]:
+    path = model_dir / RUN_FILE.name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found; run `python -m pipeline train` first") from None
+
+
+def epoch_logger():
+    """A Keras callback that logs every epoch's metrics to the active run, step = epoch."""
+    import keras
+
+    mlflow = _mlflow()
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+    return EpochLogger()
+
+
+def log_model(model, *, input_shape: tuple[int, ...], num_classes: int) -> str:
+    """Log the Keras model with a tensor signature; return its model URI.
+
+    A signature, not `input_example`, because the latter crashes in mlflow 3.17
+    (mlflow#16183). Requirements are given, not inferred: inference reloads the
+    model in a subprocess and costs tens of seconds.
+    """
+    import keras
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    mlflow = _mlflow()
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
+    info = mlflow.keras.log_model(
+        model, name="model", signature=signature, pip_requirements=_requirements(keras)
+    )
+    return info.model_uri
+
+
+def _requirements(keras) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = [f"keras=={keras.__version__}"]
+    backend = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[keras.backend.backend()]
+    with contextlib.suppress(PackageNotFoundError):
+        reqs.append(f"{backend}=={version(backend)}")
+    return reqs
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    mlflow = _mlflow()
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_text(text: str, name: str) -> None:
+    _mlflow().log_text(text, name)
+
+
+@contextlib.contextmanager
+def reopened_run(run_id: str) -> Iterator[None]:
+    """Resume the run started by train, for evaluate's metrics and plots."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    _mlflow().log_metrics(metrics)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    _mlflow().log_params(params)
+
+
+VERSION_TAGS = ("architecture", "data_hash", "git_commit", "git_dirty", "dvc_experiment")
+
+
+def register(run_file: dict[str, str], name: str, *, metrics: dict[str, float]) -> str:
+    """Register the run's model as a new version of `name` and alias it `challenger`.
+
+    The version carries the test metrics and the run's provenance tags, and a
+    description generated from the run (architecture, size, data, metrics).
+    """
+    import mlflow
+
+    _mlflow()
+    client = _client()
+    run = client.get_run(run_file["run_id"])
+    tags = {k: run.data.tags[k] for k in VERSION_TAGS if k in run.data.tags}
+    tags.update({k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)})
+    version = mlflow.register_model(run_file["model_uri"], name, tags=tags)
+    client.update_model_version(name, version.version, description=_describe(run, metrics))
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return str(version.version)
+
+
+def _describe(run, metrics: dict[str, float]) -> str:
+    params = run.data.params
+    lines = [
+        f"{params.get('model.arch', '?')} trained on {params.get('data.source', '?')} "
+        f"({params.get('data.image_shape', '?')}, {params.get('data.num_classes', '?')} classes).",
+        f"Parameters: {params.get('model.total_params', '?')} "
+        f"({params.get('model.trainable_params', '?')} trainable).",
+        "Test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        f"Run: {run.info.run_id}; git commit {run.data.tags.get('git_commit', 'unknown')}.",
+    ]
+    return "\n".join(lines)
+
+
+def promote(
+    name: str, *, version: str | None, metric: str, higher_is_better: bool, force: bool
+) -> tuple[str, float | None, float]:
+    """Point alias `champion` at `version` (default: the challenger) if its metric is not worse.
+
+    Returns (version, champion's figure or None, candidate's figure). A worse
+    candidate raises PromotionRefused unless `force`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        candidate = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, CHALLENGER)
+        )
+    except MlflowException as exc:
+        what = f"version {version}" if version else f"alias {CHALLENGER!r}"
+        raise PipelineError(
+            f"promote: registered model {name!r} has no {what} ({exc.error_code})"
+        ) from None
+    new = _version_metric(client, candidate, metric)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    old = _version_metric(client, champion, metric) if champion else None
+    worse = old is not None and (new < old if higher_is_better else new > old)
+    if worse and not force:
+        raise PromotionRefused(
+            f"promote: refusing {name} v{candidate.version}: {metric} {new:.4f} is worse than "
+            f"champion v{champion.version}'s {old:.4f} (use --force to override)"
+        )
+    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    return str(candidate.version), old, new
+
+
+def _version_metric(client, version, metric: str) -> float:
+    run = client.get_run(version.run_id)
+    if metric not in run.data.metrics:
+        raise PipelineError(
+            f"promote: {version.name} v{version.version} has no metric "
+            f"{metric!r} (register.metric); evaluate it first"
+        )
+    return run.data.metrics[metric]

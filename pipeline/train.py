@@ -1,0 +1,281 @@
+"""Train stage: build the model by name, fit it, save it, and record the run in MLflow.
+
+`fit_model` is the plain training function (no MLflow, no files beyond its
+checkpoints), used by the stage, the tests and benchmarks; `run` is the stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import MlflowConfig, ModelConfig, TrainConfig, flatten
+from pipeline.data.layout import CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
+from pipeline.errors import PipelineError
+
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+# Normalization layers and biases are not decayed (the usual practice since AdamW).
+NO_DECAY = ["gamma", "beta", "bias"]
+
+
+@dataclass
+class TrainResult:
+    model: object
+    history: dict[str, list[float]]
+    policy: str
+    seconds: float
+    images_per_second: float
+
+
+def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
+    """SGD (momentum, Nesterov) or AdamW with decoupled weight decay; warmup then cosine."""
+    import keras
+
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else cfg.learning_rate,
+        decay_steps=max(1, total - warmup),
+        warmup_target=cfg.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    if cfg.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(
+            schedule,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay or None,
+        )
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+    return optimizer
+
+
+def standard_logs_callback():
+    """Rename Keras's epoch logs to train_*/val_* and add the learning rate, in place.
+
+    Runs before Keras's History and progress bar (user callbacks come first), so
+    every consumer (history CSV, MLflow, console) sees the same names.
+    """
+    import keras
+
+    class StandardLogs(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
+            for key in [k for k in logs if not k.startswith("val_")]:
+                logs[f"train_{key}"] = logs.pop(key)
+            lr = self.model.optimizer.learning_rate
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+
+    return StandardLogs()
+
+
+def fit_model(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    prepared_dir: Path,
+    card: dict,
+    *,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    extra_callbacks=(),
+) -> TrainResult:
+    """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`."""
+    import keras
+
+    from pipeline.backend import set_precision
+    from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
+    from pipeline.models.registry import build_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    policy = set_precision(cfg.precision)
+    train_x, train_y = load_split(prepared_dir, "train")
+    val_x, val_y = load_split(prepared_dir, "val")
+    if cfg.batch_size > len(train_y):
+        raise PipelineError(
+            f"params.yaml: train.batch_size ({cfg.batch_size}) is larger than "
+            f"the training split ({len(train_y)} images)"
+        )
+    train_batches = ArrayBatches(train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val_batches = ArrayBatches(val_x, val_y, cfg.batch_size) if len(val_y) else None
+
+    num_classes = card["num_classes"]
+    model = build_model(
+        model_cfg.arch,
+        tuple(card["image_shape"]),
+        num_classes,
+        dropout=model_cfg.dropout,
+        width_multiplier=model_cfg.width_multiplier,
+        small_input=model_cfg.small_input,
+    )
+    model.compile(
+        optimizer=build_optimizer(cfg, len(train_batches)),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ],
+    )
+    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card)
+    history_csv = checkpoint_dir / HISTORY_FILE
+    callbacks = [
+        EpochOrder(train_batches),
+        standard_logs_callback(),
+        # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes from it.
+        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")),
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        *extra_callbacks,
+    ]
+    started = time.perf_counter()
+    model.fit(
+        train_batches,
+        validation_data=val_batches,
+        epochs=cfg.epochs,
+        callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        model=model,
+        history=read_history(history_csv),
+        policy=policy,
+        seconds=seconds,
+        images_per_second=cfg.epochs * len(train_y) / seconds,
+    )
+
+
+def reset_stale_checkpoint(
+    checkpoint_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, card: dict
+) -> None:
+    """Keep `checkpoint_dir` only if it was made by this exact config and data.
+
+    Resuming is for a run that was interrupted, not for one whose params or data
+    changed since: that one starts over.
+    """
+    import json
+
+    fingerprint = json.dumps(
+        {
+            "model": flatten(model_cfg, "model"),
+            "train": flatten(cfg, "train"),
+            "data": card["data_hash"],
+        },
+        sort_keys=True,
+    )
+    stamp = checkpoint_dir / "fingerprint.json"
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        print(
+            f"train: {checkpoint_dir} is from other params or data; starting over", file=sys.stderr
+        )
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Per-epoch history from the CSV log; the last row wins for an epoch run twice (resume)."""
+    rows: dict[int, dict[str, str]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows[int(row["epoch"])] = row
+    keys = [k for k in next(iter(rows.values())) if k != "epoch"] if rows else []
+    history = {"epoch": [e + 1 for e in sorted(rows)]}
+    history.update({k: [float(rows[e][k]) for e in sorted(rows)] for k in keys})
+    return history
+
+
+def write_history(history: dict[str, list[float]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(history)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        writer.writerows(zip(*(history[k] for k in keys), strict=True))
+
+
+def model_summary(model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
+    return "\n".join(lines)
+
+
+def run(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    mlflow_cfg: MlflowConfig,
+    *,
+    prepared_dir: Path = PREPARED_DIR,
+    out_dir: Path = MODEL_DIR,
+    plots_dir: Path = PLOTS_DIR,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+) -> TrainResult:
+    """The stage: train inside an MLflow run, then write the model, history and run file."""
+    import keras
+
+    from pipeline import tracking
+    from pipeline.data.atomic import atomic_dir
+    from pipeline.data.prepare import read_card
+
+    card = read_card(prepared_dir)
+    params = {
+        **flatten(model_cfg, "model"),
+        **flatten(cfg, "train"),
+        "data.source": card["source"]["source"],
+        "data.url": card["source"].get("url", ""),
+        "data.image_shape": "x".join(map(str, card["image_shape"])),
+        "data.num_classes": card["num_classes"],
+        **{f"data.{split}_images": n for split, n in card["totals"].items()},
+        **flatten_prepare(card),
+        "keras.backend": keras.backend.backend(),
+    }
+    tags = {
+        "architecture": model_cfg.arch,
+        "data_hash": card["data_hash"],
+        "data_source_sha256": card["source"].get("sha256", ""),
+    }
+    with tracking.training_run(
+        mlflow_cfg.experiment, run_name=model_cfg.arch, params=params, tags=tags
+    ) as run_id:
+        result = fit_model(
+            model_cfg,
+            cfg,
+            prepared_dir,
+            card,
+            checkpoint_dir=checkpoint_dir,
+            extra_callbacks=[tracking.epoch_logger()],
+        )
+        model = result.model
+        summary = model_summary(model)
+        tracking.log_text(summary, "model_summary.txt")
+        tracking.log_params(
+            {
+                "precision_policy": result.policy,
+                "model.total_params": model.count_params(),
+                "model.trainable_params": sum(math.prod(w.shape) for w in model.trainable_weights),
+            }
+        )
+        tracking.log_metrics(
+            {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
+        )
+        model_uri = tracking.log_model(
+            model, input_shape=tuple(card["image_shape"]), num_classes=card["num_classes"]
+        )
+        with atomic_dir(out_dir) as tmp:
+            model.save(tmp / MODEL_FILE)
+            (tmp / "summary.txt").write_text(summary + "\n")
+            tracking.write_run_file(run_id, model_uri, tmp)
+        write_history(result.history, plots_dir / HISTORY_FILE)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def flatten_prepare(card: dict) -> dict[str, object]:
+    """The prepare settings the data was made with, as `prepare.*` params."""
+    return {f"prepare.{k}": v for k, v in card.get("prepare", {}).items()}

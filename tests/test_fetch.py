@@ -1,0 +1,444 @@
+"""The fetch stage and its archive helpers, against real files, archives and a real HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import stat
+import tarfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import FetchConfig
+from pipeline.data import fetch
+from pipeline.data.archive import download, safe_extract
+from pipeline.errors import DataError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/datasets"
+CIFAR = SHARED / "cifar10-train.tar.gz"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def png_bytes(value: int = 128, size: int = 4) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (size, size), value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_tar(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> Path:
+    """A tar (compression from the suffix) holding `files` plus raw `extra` members."""
+    mode = "w:gz" if path.name.endswith((".tar.gz", ".tgz")) else "w"
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info)
+    return path
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def class_files(prefix: str = "", classes=("cat", "dog"), per_class: int = 3) -> dict:
+    return {
+        f"{prefix}{c}/{i}.png": png_bytes(10 * i + k)
+        for k, c in enumerate(classes)
+        for i in range(per_class)
+    }
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def archive_cfg(url: str, sha256: str = "", timeout_s: float = 10) -> FetchConfig:
+    return FetchConfig(source="archive", url=url, sha256=sha256, timeout_s=timeout_s)
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden temp/old siblings the fetch stage may have left behind."""
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.png"))
+
+
+@dataclass
+class Server:
+    root: Path
+    url: str
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www; /slow/* never answers."""
+    root = tmp_path / "www"
+    root.mkdir()
+    release = threading.Event()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.path.startswith("/slow/"):
+                release.wait(30)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Server(root, f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_writes_1797_pngs_in_10_class_folders(tmp_path):
+    out = tmp_path / "data" / "raw"
+    info = fetch.run(FetchConfig(source="digits"), out)
+
+    classes = [str(d) for d in range(10)]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == classes
+    files = pngs(out)
+    assert len(files) == 1797
+    assert json.loads((out / "source.json").read_text()) == info
+    assert info["source"] == "digits"
+    assert info["url"] == "sklearn.datasets.load_digits"
+    assert info["num_images"] == 1797
+    assert info["classes"] == classes
+    assert info["splits"] == []
+    assert len(info["sha256"]) == 64
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    first = np.asarray(Image.open(out / str(digits.target[0]) / "0000.png"))
+    assert first.dtype == np.uint8 and first.shape == (8, 8)
+    expected = np.array([[round(v * 255 / 16) for v in row] for row in digits.images[0]])
+    np.testing.assert_array_equal(first, expected)
+    assert leftovers(out.parent) == []
+
+
+def test_digits_rerun_replaces_old_output_with_same_checksum(tmp_path):
+    out = tmp_path / "raw"
+    first = fetch.run(FetchConfig(), out)
+    (out / "stale.txt").write_text("from an older run")
+    second = fetch.run(FetchConfig(), out)
+    assert second == first
+    assert not (out / "stale.txt").exists()
+    assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- archive sources
+
+
+def test_archive_over_http_with_checksum(tmp_path, server):
+    archive = make_tar(server.root / "pets.tar.gz", class_files())
+    out = tmp_path / "raw"
+    info = fetch.run(archive_cfg(f"{server.url}/pets.tar.gz", sha256_of(archive).upper()), out)
+
+    assert info == {
+        "source": "archive",
+        "url": f"{server.url}/pets.tar.gz",
+        "sha256": sha256_of(archive),
+        "num_images": 6,
+        "classes": ["cat", "dog"],
+        "splits": [],
+    }
+    assert json.loads((out / "source.json").read_text()) == info
+    assert sorted(p.name for p in out.iterdir()) == ["cat", "dog", "source.json"]
+    assert len(pngs(out / "cat")) == 3 and len(pngs(out / "dog")) == 3
+
+
+def test_checksum_mismatch_leaves_existing_output_untouched(tmp_path, server):
+    make_tar(server.root / "pets.tar.gz", class_files())
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous data")
+
+    with pytest.raises(DataError, match="checksum mismatch") as err:
+        fetch.run(archive_cfg(f"{server.url}/pets.tar.gz", "0" * 64), out)
+
+    assert "\n" not in str(err.value)
+    assert f"{server.url}/pets.tar.gz" in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "previous data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "www"]
+
+
+def test_http_404_is_a_data_error(tmp_path, server):
+    out = tmp_path / "raw"
+    with pytest.raises(DataError, match="HTTP 404"):
+        fetch.run(archive_cfg(f"{server.url}/missing.tar.gz"), out)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_server_that_never_answers_times_out(tmp_path, server):
+    out = tmp_path / "raw"
+    with pytest.raises(DataError, match=r"did not answer within 1s \(fetch.timeout_s\)"):
+        fetch.run(archive_cfg(f"{server.url}/slow/pets.tar.gz", timeout_s=1), out)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_unreachable_server_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="cannot reach"):
+        download("http://127.0.0.1:9/x.tar.gz", tmp_path / "x.tar.gz", timeout_s=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_url_and_local_path_both_work(tmp_path, monkeypatch):
+    archive = make_zip(tmp_path / "pets.zip", class_files())
+    by_url = fetch.run(archive_cfg(archive.as_uri()), tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    by_path = fetch.run(archive_cfg("pets.zip"), Path("b"))
+    assert by_url["num_images"] == by_path["num_images"] == 6
+    assert by_url["sha256"] == by_path["sha256"] == sha256_of(archive)
+    assert by_path["url"] == "pets.zip"
+    assert len(pngs(tmp_path / "a")) == len(pngs(tmp_path / "b")) == 6
+
+
+def test_missing_local_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file: .*nowhere.tar.gz"):
+        fetch.run(archive_cfg(str(tmp_path / "nowhere.tar.gz")), tmp_path / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_unsupported_extension_lists_supported_ones(tmp_path):
+    (tmp_path / "pets.rar").write_bytes(b"whatever")
+    with pytest.raises(DataError, match=r"unsupported archive type; supported: .*\.tar\.gz.*\.zip"):
+        fetch.run(archive_cfg(str(tmp_path / "pets.rar")), tmp_path / "raw")
+
+
+def test_download_failure_leaves_no_partial_file(tmp_path, server):
+    dest = tmp_path / "dl" / "x.bin"
+    dest.parent.mkdir()
+    (server.root / "x.bin").write_bytes(b"abc" * 1000)
+    digest = download(f"{server.url}/x.bin", dest)
+    assert digest == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert dest.read_bytes() == b"abc" * 1000
+
+    dest.unlink()
+    with pytest.raises(DataError, match="checksum mismatch"):
+        download(f"{server.url}/x.bin", dest, sha256="f" * 64)
+    assert list(dest.parent.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_split_layout_detected_and_validation_renamed(tmp_path):
+    files = class_files("pets/train/") | class_files("pets/validation/", per_class=1)
+    files["pets/classes.txt"] = b"cat\ndog\n"
+    files["pets/README"] = b"hello"
+    archive = make_tar(tmp_path / "pets.tgz", files)
+    out = tmp_path / "raw"
+    info = fetch.run(archive_cfg(str(archive)), out)
+
+    assert info["splits"] == ["train", "val"]
+    assert info["classes"] == ["cat", "dog"]
+    assert info["num_images"] == 8
+    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "source.json", "train", "val"]
+    assert len(pngs(out / "val" / "dog")) == 1
+    assert (out / "classes.txt").read_text() == "cat\ndog\n"
+
+
+def test_single_top_folder_is_descended(tmp_path):
+    files = class_files("outer/inner/", classes=("a", "b", "c"))
+    files["outer/inner/.hidden/x.png"] = png_bytes()
+    files["__MACOSX/outer/._junk"] = b""
+    archive = make_zip(tmp_path / "nested.zip", files)
+    out = tmp_path / "raw"
+    info = fetch.run(archive_cfg(str(archive)), out)
+    assert info["classes"] == ["a", "b", "c"]
+    assert info["splits"] == []
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["a", "b", "c"]
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+    files = class_files()
+    files["bird/notes.txt"] = b"no images here"
+    archive = make_tar(tmp_path / "pets.tar", files)
+    out = tmp_path / "raw"
+    with pytest.raises(DataError, match=r"class folder bird/ .* has no images"):
+        fetch.run(archive_cfg(str(archive)), out)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_single_class_is_refused(tmp_path):
+    archive = make_tar(tmp_path / "one.tar", class_files("top/train/", classes=("cat",)))
+    with pytest.raises(DataError, match="only one class folder"):
+        fetch.run(archive_cfg(str(archive)), tmp_path / "raw")
+
+
+def test_archive_without_class_folders_is_refused(tmp_path):
+    archive = make_tar(tmp_path / "flat.tar", {"a.png": png_bytes(), "b.png": png_bytes()})
+    with pytest.raises(DataError, match="no class folders found"):
+        fetch.run(archive_cfg(str(archive)), tmp_path / "raw")
+
+
+def test_splits_with_different_classes_are_refused(tmp_path):
+    files = class_files("train/") | class_files("test/", classes=("cat", "cow"))
+    archive = make_tar(tmp_path / "pets.tar", files)
+    with pytest.raises(DataError, match="different classes: .*lacks"):
+        fetch.run(archive_cfg(str(archive)), tmp_path / "raw")
+
+
+# --------------------------------------------------------------------------- unsafe archives
+
+
+def symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info
+
+
+def test_tar_with_dotdot_member_is_refused(tmp_path):
+    dest = tmp_path / "a" / "b" / "dest"
+    archive = make_tar(tmp_path / "bad.tar.gz", {"ok/1.png": png_bytes(), "../evil.txt": b"x"})
+    with pytest.raises(DataError, match=r"refusing archive member '\.\./evil\.txt' in .*bad"):
+        safe_extract(archive, dest)
+    assert not (dest.parent / "evil.txt").exists()
+    assert list(dest.rglob("*")) == []
+
+
+def test_tar_with_absolute_member_is_refused(tmp_path):
+    target = tmp_path / "abs-evil.txt"
+    archive = make_tar(tmp_path / "bad.tar", {str(target): b"x"})
+    with pytest.raises(DataError, match="absolute path"):
+        safe_extract(archive, tmp_path / "dest")
+    assert not target.exists()
+    assert list((tmp_path / "dest").rglob("*")) == []
+
+
+@pytest.mark.parametrize("link", ["/etc/passwd", "../../x"])
+def test_tar_with_symlink_outside_is_refused(tmp_path, link):
+    archive = make_tar(
+        tmp_path / "bad.tar", {"a/1.png": png_bytes()}, extra=[symlink("a/link", link)]
+    )
+    with pytest.raises(DataError, match=r"refusing archive member 'a/link' .*link"):
+        safe_extract(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").rglob("*")) == []
+
+
+def test_tar_with_device_file_is_refused(tmp_path):
+    dev = tarfile.TarInfo("null")
+    dev.type = tarfile.CHRTYPE
+    archive = make_tar(tmp_path / "bad.tar", {}, extra=[dev])
+    with pytest.raises(DataError, match="special file"):
+        safe_extract(archive, tmp_path / "dest")
+
+
+def test_zip_with_dotdot_member_is_refused(tmp_path):
+    dest = tmp_path / "dest"
+    archive = make_zip(tmp_path / "bad.zip", {"ok.png": png_bytes(), "../evil.txt": b"x"})
+    with pytest.raises(DataError, match=r"'\.\./evil\.txt' in .*bad\.zip \(path outside"):
+        safe_extract(archive, dest)
+    assert not (tmp_path / "evil.txt").exists()
+    assert list(dest.rglob("*")) == []
+
+
+def test_zip_with_absolute_or_drive_member_is_refused(tmp_path):
+    for name in ("/tmp/evil.txt", "C:/evil.txt", "a\\..\\..\\evil.txt"):
+        archive = make_zip(tmp_path / "bad.zip", {name: b"x"})
+        with pytest.raises(DataError, match="refusing archive member"):
+            safe_extract(archive, tmp_path / "dest")
+
+
+def test_zip_with_symlink_entry_is_refused(tmp_path):
+    info = zipfile.ZipInfo("link")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="symbolic link"):
+        safe_extract(tmp_path / "bad.zip", tmp_path / "dest")
+    assert not (tmp_path / "dest" / "link").exists()
+
+
+def test_declared_size_over_limit_is_refused(tmp_path):
+    tar = make_tar(tmp_path / "big.tar", {"a/1.bin": b"x" * 1000})
+    zipped = make_zip(tmp_path / "big.zip", {"a/1.bin": b"x" * 1000})
+    for archive in (tar, zipped):
+        with pytest.raises(DataError, match="over the limit of 999 bytes"):
+            safe_extract(archive, tmp_path / "dest", max_bytes=999)
+    safe_extract(tar, tmp_path / "ok", max_bytes=1000)
+    assert (tmp_path / "ok" / "a" / "1.bin").stat().st_size == 1000
+
+
+def test_corrupt_archives_are_data_errors(tmp_path):
+    good = make_tar(tmp_path / "good.tar.gz", class_files(per_class=50)).read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.zip").write_bytes(b"not a zip at all")
+    (tmp_path / "junk.tar").write_bytes(b"\x01" * 2000)
+    for name in ("cut.tar.gz", "junk.zip", "junk.tar"):
+        with pytest.raises(DataError, match=name):
+            safe_extract(tmp_path / name, tmp_path / "dest")
+
+
+def test_refusal_inside_fetch_names_the_url_not_the_temp_file(tmp_path):
+    archive = make_tar(tmp_path / "bad.tar.gz", class_files() | {"../evil.png": png_bytes()})
+    out = tmp_path / "work" / "raw"
+    with pytest.raises(DataError) as err:
+        fetch.run(archive_cfg(archive.as_uri()), out)
+    assert str(err.value) == (
+        f"fetch: refusing archive member '../evil.png' in {archive.as_uri()} "
+        "(path outside the destination)"
+    )
+    assert list((tmp_path / "work").iterdir()) == []
+    assert not (tmp_path / "work" / "evil.png").exists()
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_real_cifar10_archive(tmp_path):
+    if not CIFAR.is_file():
+        pytest.skip(f"{CIFAR} not present")
+    sums = dict(
+        reversed(line.split())
+        for line in (SHARED / "SHA256SUMS").read_text().splitlines()
+        if line.strip()
+    )
+    out = tmp_path / "raw"
+    info = fetch.run(archive_cfg(CIFAR.as_uri(), sums[CIFAR.name]), out)
+
+    assert info["splits"] == ["train"]
+    assert len(info["classes"]) == 10
+    assert info["num_images"] == 50_000
+    assert info["sha256"] == sums[CIFAR.name]
+    assert (out / "classes.txt").is_file()
+    for name in info["classes"]:
+        assert len(list((out / "train" / name).glob("*.jpg"))) == 5000
+    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "source.json", "train"]
