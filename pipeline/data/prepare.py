@@ -146,7 +146,7 @@ def assign_splits(
         paths, labels = [paths[i] for i in keep], labels[keep]
     result["train"] = (paths, labels)
     for split in SPLITS:
-        if split in found:
+        if split in found and split != pool_name:  # the pool's own split lost val/test above
             items = found[split]
             unknown = sorted({c for _, c in items} - set(index))
             if unknown:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import keras
-from keras import layers
+# PyTorch's default (its momentum=0.1): moving statistics settle within a few hundred
+# steps, where Keras's 0.99 leaves short runs evaluating with near-initial statistics.
+BN_MOMENTUM = 0.9
 
 
 def scaled_width(filters: int, width_multiplier: float, divisor: int = 8) -> int:
@@ -13,6 +14,9 @@ def scaled_width(filters: int, width_multiplier: float, divisor: int = 8) -> int
 
 def image_input(input_shape: tuple[int, int, int]):
     """Model input taking raw 0..255 pixels, so the saved model carries its own scaling."""
+    import keras
+    from keras import layers
+
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     return inputs, x
@@ -28,6 +32,8 @@ def conv_bn_act(
     activation: str | None = "relu",
 ):
     """Convolution without bias, batch norm, then the activation (None: no activation)."""
+    from keras import layers
+
     x = layers.Conv2D(
         filters,
         kernel_size,
@@ -37,7 +43,7 @@ def conv_bn_act(
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     if activation:
         x = layers.Activation(activation, name=f"{name}_{activation}")(x)
     return x
@@ -45,6 +51,8 @@ def conv_bn_act(
 
 def classifier_head(x, num_classes: int, *, dropout: float):
     """Global average pool, dropout, dense; softmax in float32 so mixed precision stays stable."""
+    from keras import layers
+
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name="head_dropout")(x)

@@ -6,15 +6,14 @@ CIFAR-style stem, so 32x32 and smaller images keep their resolution.
 
 from __future__ import annotations
 
-import keras
-from keras import layers
-
 from pipeline.models.blocks import classifier_head, conv_bn_act, image_input, scaled_width
 from pipeline.models.registry import register_model
 
 
 def basic_block(x, filters: int, *, strides: int, name: str):
     """Two 3x3 convs with an identity shortcut (1x1 projection when the shape changes)."""
+    from keras import layers
+
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
         shortcut = conv_bn_act(x, filters, 1, strides=strides, activation=None, name=f"{name}_proj")
@@ -25,6 +24,8 @@ def basic_block(x, filters: int, *, strides: int, name: str):
 
 
 def stem(x, filters: int, *, small_input: bool):
+    from keras import layers
+
     if small_input:
         return conv_bn_act(x, filters, 3, name="stem")
     x = conv_bn_act(x, filters, 7, strides=2, name="stem")
@@ -34,6 +35,8 @@ def stem(x, filters: int, *, small_input: bool):
 def basic_resnet(
     input_shape, num_classes, blocks_per_stage, *, dropout, width_multiplier, small_input, name
 ):
+    import keras
+
     inputs, x = image_input(input_shape)
     x = stem(x, scaled_width(64, width_multiplier), small_input=small_input)
     for stage, num_blocks in enumerate(blocks_per_stage):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import keras
-from keras import layers
-
 from pipeline.models.blocks import classifier_head, conv_bn_act, image_input, scaled_width
 from pipeline.models.registry import register_model
 
@@ -14,6 +11,9 @@ STAGE_FILTERS = (32, 64, 128)
 @register_model("simple_cnn")
 def simple_cnn(input_shape, num_classes, *, dropout, width_multiplier, small_input):
     """Three stages of two 3x3 convs and a 2x2 max pool; a strided stem for large inputs."""
+    import keras
+    from keras import layers
+
     inputs, x = image_input(input_shape)
     if not small_input:
         x = conv_bn_act(x, scaled_width(32, width_multiplier), 5, strides=2, name="stem")

@@ -1,0 +1,204 @@
+"""params.yaml validation: the shipped file passes, every kind of mistake names its key."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+
+def shipped() -> dict:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def with_value(section: str, key: str, value) -> dict:
+    """The shipped params with one key set (or added)."""
+    params = copy.deepcopy(shipped())
+    params[section][key] = value
+    return params
+
+
+def write_params(path: Path, params) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- the shipped file
+
+
+def test_shipped_params_validate() -> None:
+    loaded = config.load_all(PARAMS)
+    assert set(loaded) == set(config.SECTIONS)
+    raw = shipped()
+    # Every value written in params.yaml arrives in its config object unchanged.
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert getattr(loaded[section], key) == value, f"{section}.{key}"
+    assert isinstance(loaded["train"], config.TrainConfig)
+    assert isinstance(loaded["train"].learning_rate, float)
+
+
+# --------------------------------------------------------------------------- bad values
+
+# (id, params or a text to write, substrings the error message must contain)
+BAD_CASES = [
+    ("unknown-key", with_value("train", "lr", 0.1), ["train.lr", "learning_rate", "epochs"]),
+    (
+        "unknown-section",
+        {**shipped(), "trian": {"epochs": 3}},
+        ["'trian'", "allowed", "train", "prepare"],
+    ),
+    ("epochs-str", with_value("train", "epochs", "ten"), ["train.epochs", "integer", "'ten'"]),
+    ("epochs-float", with_value("train", "epochs", 2.5), ["train.epochs", "integer", "2.5"]),
+    (
+        "small-input-str",
+        with_value("model", "small_input", "yes"),
+        ["model.small_input", "true or false", "'yes'"],
+    ),
+    (
+        "batch-size-bool",
+        with_value("train", "batch_size", True),
+        ["train.batch_size", "integer", "True"],
+    ),
+    ("lr-zero", with_value("train", "learning_rate", 0), ["train.learning_rate", "> 0"]),
+    ("lr-negative", with_value("train", "learning_rate", -0.1), ["train.learning_rate", "> 0"]),
+    (
+        "test-fraction-one",
+        with_value("prepare", "test_fraction", 1.0),
+        ["prepare.test_fraction", "< 1"],
+    ),
+    ("dropout-one", with_value("model", "dropout", 1.0), ["model.dropout", "< 1"]),
+    (
+        "optimizer-adam",
+        with_value("train", "optimizer", "adam"),
+        ["train.optimizer", "'sgd'", "'adamw'", "'adam'"],
+    ),
+    (
+        "precision-fp16",
+        with_value("train", "precision", "fp16"),
+        ["train.precision", "'float32'", "'mixed_bfloat16'", "'mixed_float16'", "'fp16'"],
+    ),
+    ("channels-2", with_value("prepare", "channels", 2), ["prepare.channels", "1, 3", "got 2"]),
+    (
+        "unknown-arch",
+        with_value("model", "arch", "resnet9000"),
+        ["model.arch", "'resnet9000'", "simple_cnn", "resnet18"],
+    ),
+    (
+        "fractions-sum-one",
+        {
+            **shipped(),
+            "prepare": {**shipped()["prepare"], "val_fraction": 0.5, "test_fraction": 0.5},
+        },
+        ["prepare.val_fraction", "prepare.test_fraction", "< 1"],
+    ),
+    (
+        "warmup-not-below-epochs",
+        {**shipped(), "train": {**shipped()["train"], "epochs": 3, "warmup_epochs": 3}},
+        ["train.warmup_epochs", "train.epochs", "less than"],
+    ),
+    (
+        "archive-without-url",
+        {**shipped(), "fetch": {**shipped()["fetch"], "source": "archive", "url": ""}},
+        ["fetch.url", "archive"],
+    ),
+    ("sha256-not-hex", with_value("fetch", "sha256", "xyz" * 20), ["fetch.sha256", "64 hex"]),
+    ("not-yaml", "train: [unclosed\n", ["bad.yaml", "not valid YAML"]),
+    ("top-level-list", "- train\n- model\n", ["bad.yaml", "mapping", "list"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [pytest.param(content, expected, id=name) for name, content, expected in BAD_CASES],
+)
+def test_bad_params_name_the_key(tmp_path: Path, content, expected: list[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    if isinstance(content, str):
+        bad.write_text(content)
+    else:
+        write_params(bad, content)
+    with pytest.raises(ConfigError) as info:
+        config.load_all(bad)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, f"{part!r} missing from {message!r}"
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        config.load_all(missing)
+
+
+def test_one_stage_loads_only_its_section(tmp_path: Path) -> None:
+    """A mistake in train does not stop prepare (DVC runs stages on their own sections)."""
+    bad = write_params(tmp_path / "bad.yaml", with_value("train", "learning_rate", -1))
+    assert config.load("prepare", bad) == config.PrepareConfig(**shipped()["prepare"])
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        config.load("train", bad)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def run_cli(params: Path, command: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "--params", str(params), command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+CLI_CASES = {
+    "unknown-key": (with_value("train", "lr", 0.1), "train.lr"),
+    "lr-negative": (with_value("train", "learning_rate", -0.1), "train.learning_rate"),
+    "optimizer-adam": (with_value("train", "optimizer", "adam"), "train.optimizer"),
+    "unknown-arch": (with_value("model", "arch", "resnet9000"), "model.arch"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_check_reports_one_line(tmp_path: Path, case: str) -> None:
+    params, key = CLI_CASES[case]
+    bad = write_params(tmp_path / "bad.yaml", params)
+    result = run_cli(bad, "check", tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: ")
+    assert key in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_check_accepts_shipped_params(tmp_path: Path) -> None:
+    result = run_cli(PARAMS, "check", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("params.yaml: valid")
+    assert result.stderr == ""
+
+
+def test_cli_train_fails_before_writing_anything(tmp_path: Path) -> None:
+    bad = write_params(tmp_path / "bad.yaml", with_value("train", "learning_rate", -1))
+    result = run_cli(bad, "train", tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "train.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    for name in ("data", "mlflow.db", "mlartifacts"):
+        assert not (tmp_path / name).exists()

@@ -1,0 +1,209 @@
+"""End to end: real `dvc repro` in a temporary git repo, real MLflow store, real registry.
+
+One project copy is shared by the tests in this module and they run in order,
+as a user's session would: repro, repro again, change a param, run an
+experiment, promote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, pipeline_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+MODEL_NAME = "digits-classifier"
+
+
+def sh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        args, cwd=cwd, text=True, capture_output=True, env=pipeline_env(), timeout=900
+    )
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def project_files() -> list[str]:
+    """The files of this checkout that git would ship (tracked or not ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in listed if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/"))]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git + DVC repo holding this project, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("project")
+    for name in project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "config", "user.email", "test@example.com"], repo)
+    sh(["git", "config", "user.name", "test"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "project"], repo)
+    assert (repo / ".dvc" / "config").exists()  # the project ships its DVC setup
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "first run"], repo)
+    return repo
+
+
+def client(repo: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs(repo: Path):
+    c = client(repo)
+    experiment = c.get_experiment_by_name("digits-cnn")
+    return c.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def read_metrics(repo: Path) -> dict:
+    return json.loads((repo / "metrics" / "eval.json").read_text())
+
+
+def test_repro_trains_digits_to_98_percent(project):
+    metrics = read_metrics(project)
+    assert metrics["test_top1"] >= 0.98
+    assert metrics["test_top5"] >= metrics["test_top1"]
+    for name in ("confusion_matrix.png", "training_curves.png", "per_class.png"):
+        assert (project / "plots" / "images" / name).stat().st_size > 1000
+    card = json.loads((project / "data/prepared/data_card.json").read_text())
+    assert card["totals"] == {"train": 1257, "val": 270, "test": 270}
+
+
+def test_mlflow_run_holds_params_curves_model_and_tags(project):
+    (run,) = runs(project)
+    c = client(project)
+    assert run.info.status == "FINISHED"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert run.data.params["model.arch"] == params["model"]["arch"]
+    assert run.data.params["train.epochs"] == str(params["train"]["epochs"])
+    assert int(run.data.params["model.total_params"]) > 0
+    epochs = params["train"]["epochs"]
+    for metric in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "learning_rate"):
+        history = c.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == list(range(epochs)), metric
+    assert run.data.metrics["test_top1"] == pytest.approx(read_metrics(project)["test_top1"])
+
+    head = sh(["git", "rev-parse", "HEAD~1"], project).stdout.strip()  # the commit it ran at
+    assert run.data.tags["git_commit"] == head
+    assert run.data.tags["git_dirty"] == "False"
+    card = json.loads((project / "data/prepared/data_card.json").read_text())
+    assert run.data.tags["data_hash"] == card["data_hash"]
+
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"model_summary.txt", "plots", "metrics"} <= artifacts
+    plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= plots
+    run_file = json.loads((project / "data/model/mlflow_run.json").read_text())
+    assert run_file["run_id"] == run.info.run_id
+
+
+def test_challenger_loads_with_pyfunc_and_matches_eval(project):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    version = client(project).get_model_version_by_alias(MODEL_NAME, "challenger")
+    assert str(version.version) == "1"
+    assert version.tags["architecture"] == "simple_cnn"
+    assert "test_top1" in version.tags and version.tags["git_commit"]
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@challenger")
+    images = np.load(project / "data/prepared/test_images.npy").astype(np.float32)
+    labels = np.load(project / "data/prepared/test_labels.npy")
+    top1 = float((np.asarray(model.predict(images)).argmax(axis=1) == labels).mean())
+    assert top1 == pytest.approx(read_metrics(project)["test_top1"])
+
+
+def test_second_repro_is_a_no_op(project):
+    out = sh(["dvc", "repro"], project).stdout
+    assert "Running stage" not in out
+    assert len(runs(project)) == 1
+
+
+def test_changing_epochs_reruns_train_and_later_stages_only(project):
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["train"]["epochs"] = 3
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(["dvc", "repro"], project).stdout
+    for stage in ("train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    for stage in ("fetch", "prepare"):
+        assert f"Running stage '{stage}'" not in out
+    assert len(runs(project)) == 2
+    version = client(project).get_model_version_by_alias(MODEL_NAME, "challenger")
+    assert str(version.version) == "2"
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "three epochs"], project)
+
+
+def test_promote_gates_on_test_top1(project):
+    c = client(project)
+    top1 = {v: float(c.get_model_version(MODEL_NAME, v).tags["test_top1"]) for v in ("1", "2")}
+    assert top1["2"] < top1["1"]  # 3 epochs against 30
+
+    done = run_cli(["promote", "--version", "1"], project)
+    assert done.returncode == 0, done.stderr
+    assert c.get_model_version_by_alias(MODEL_NAME, "champion").version == 1
+
+    refused = run_cli(["promote"], project)  # the challenger, v2, is worse
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "refusing" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert c.get_model_version_by_alias(MODEL_NAME, "champion").version == 1
+
+    forced = run_cli(["promote", "--force"], project)
+    assert forced.returncode == 0, forced.stderr
+    assert f"{top1['1']:.4f}" in forced.stdout and f"{top1['2']:.4f}" in forced.stdout
+    assert c.get_model_version_by_alias(MODEL_NAME, "champion").version == 2
+
+
+def test_dvc_exp_run_makes_a_second_comparable_run(project):
+    sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "resnet-try",
+            "-S",
+            "model.arch=resnet18",
+            "-S",
+            "model.width_multiplier=0.25",
+            "-S",
+            "train.epochs=2",
+            "-S",
+            "train.warmup_epochs=0",
+        ],
+        project,
+    )
+    latest = runs(project)[-1]
+    assert latest.data.tags["architecture"] == "resnet18"
+    assert latest.data.tags["dvc_experiment"] == "resnet-try"
+    assert "test_top1" in latest.data.metrics
+
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
+    found = {}
+    for baseline in shown:
+        found[baseline.get("name") or baseline["rev"]] = baseline
+        for exp in baseline.get("experiments") or []:
+            found[exp.get("name")] = exp
+    assert "resnet-try" in found
+    exp_metrics = found["resnet-try"]["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]
+    assert exp_metrics["test_top1"] == pytest.approx(latest.data.metrics["test_top1"])

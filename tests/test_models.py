@@ -1,0 +1,113 @@
+"""Every registered architecture builds, predicts, names its layers and round-trips `.keras`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.models.registry import build_model, list_models
+
+# Builders name every layer after its place in the network.
+LAYER_NAME = re.compile(r"^(image|rescale|stem|stage\d+|head|probs)(_|$)")
+
+
+@pytest.fixture
+def restore_policy():
+    """Tests that switch the global dtype policy leave float32 behind, even when they fail."""
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def pixel_batch(shape: tuple[int, int, int], n: int = 2, seed: int = 0) -> np.ndarray:
+    """Raw 0..255 pixels as float32, what the loader feeds the model."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape)).astype(np.float32)
+
+
+def keras_default_name(layer) -> bool:
+    """True for names Keras makes up when a builder passes none: `conv2d`, `conv2d_3`."""
+    base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()
+    return re.fullmatch(rf"{base}(_\d+)?", layer.name) is not None
+
+
+def count_params(weights) -> int:
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def check_forward(model, shape: tuple[int, int, int]) -> np.ndarray:
+    probs = model(pixel_batch(shape), training=False)
+    assert probs.dtype == "float32"
+    probs = keras.ops.convert_to_numpy(probs)
+    assert probs.shape == (2, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probs >= 0).all()
+    return probs
+
+
+# Keras's own saving code trips NumPy 2's `copy` deprecation on TensorFlow variables.
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.parametrize("name", list_models())
+def test_architecture(name: str, tmp_path: Path, restore_policy) -> None:
+    for shape in [(16, 16, 1), (32, 32, 3)]:
+        model = build_model(name, shape, 10, dropout=0.2)
+        assert tuple(model.input_shape) == (None, *shape)
+        probs = check_forward(model, shape)
+
+        names = [layer.name for layer in model.layers]
+        assert len(names) == len(set(names)), "layer names are not unique"
+        for layer in model.layers:
+            assert LAYER_NAME.match(layer.name), f"{layer.name!r} not named by the builder"
+            if not isinstance(layer, keras.layers.InputLayer):
+                assert not keras_default_name(layer), f"{layer.name!r} is Keras's default"
+
+        path = tmp_path / f"{name}-{shape[-1]}.keras"
+        model.save(path)
+        loaded = keras.saving.load_model(path, safe_mode=True)
+        assert [layer.name for layer in loaded.layers] == names
+        reloaded = keras.ops.convert_to_numpy(loaded(pixel_batch(shape), training=False))
+        np.testing.assert_array_equal(reloaded, probs)
+
+    # Mixed precision computes in bfloat16 but the probabilities stay float32.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_model(name, (16, 16, 1), 10)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
+    check_forward(model, (16, 16, 1))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_width_multiplier_scales_params(name: str) -> None:
+    half = build_model(name, (32, 32, 3), 10, width_multiplier=0.5)
+    full = build_model(name, (32, 32, 3), 10, width_multiplier=1.0)
+    assert count_params(half.weights) < count_params(full.weights)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_small_input_keeps_resolution(name: str) -> None:
+    def final_map(small_input: bool) -> tuple[int, int]:
+        model = build_model(name, (64, 64, 3), 10, small_input=small_input)
+        return tuple(model.get_layer("head_pool").input.shape[1:3])
+
+    small, large = final_map(True), final_map(False)
+    assert large[0] < small[0] and large[1] < small[1]
+
+
+def test_resnet18_matches_torchvision_param_count() -> None:
+    model = build_model("resnet18", (224, 224, 3), 1000, small_input=False)
+    # torchvision.models.resnet18(): sum(p.numel() for p in model.parameters())
+    assert count_params(model.trainable_weights) == 11_689_512
+    assert model.get_layer("head_pool").input.shape[1:3] == (7, 7)
+
+
+def test_unknown_architecture_lists_known_ones() -> None:
+    with pytest.raises(KeyError) as info:
+        build_model("resnet9000", (16, 16, 1), 10)
+    message = str(info.value)
+    assert "resnet9000" in message
+    for name in list_models():
+        assert name in message

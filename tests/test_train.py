@@ -1,0 +1,162 @@
+"""Training on real (small) data: history, schedule, precision, resume, and the JAX backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+
+from pipeline.backend import resolve_precision
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.data.prepare import read_card
+from pipeline.train import fit_model
+
+SMALL_MODEL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
+SHORT = TrainConfig(epochs=3, batch_size=128, warmup_epochs=1, learning_rate=0.01)
+
+
+class EpochCounter(keras.callbacks.Callback):
+    def __init__(self, stop_after: int | None = None):
+        super().__init__()
+        self.epochs: list[int] = []
+        self.stop_after = stop_after
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop_after is not None and epoch == self.stop_after:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_fit_learns_and_records_history(digits_prepared, tmp_path):
+    result = fit_model(
+        SMALL_MODEL,
+        SHORT,
+        digits_prepared,
+        read_card(digits_prepared),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    history = result.history
+    assert history["epoch"] == [1, 2, 3]
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "learning_rate"):
+        assert len(history[key]) == 3, key
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert history["val_accuracy"][-1] > 0.5  # ten classes: chance is 0.1
+    # Warmup reaches the peak after epoch 1, then cosine decays to zero at the end.
+    lr = history["learning_rate"]
+    assert lr[0] == pytest.approx(SHORT.learning_rate, rel=1e-3)
+    assert lr[0] > lr[1] > lr[2] >= 0
+    assert lr[2] == pytest.approx(0, abs=1e-6)
+
+
+def test_auto_precision_is_float32_on_cpu():
+    assert resolve_precision("auto") == "float32"
+    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+
+
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_output(digits_prepared, tmp_path):
+    cfg = replace(SHORT, epochs=2, precision="mixed_bfloat16")
+    result = fit_model(
+        SMALL_MODEL,
+        cfg,
+        digits_prepared,
+        read_card(digits_prepared),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    model = result.model
+    assert result.policy == "mixed_bfloat16"
+    conv = model.get_layer("stage1_1_conv")
+    assert conv.compute_dtype == "bfloat16" and conv.variable_dtype == "float32"
+    assert model.output.dtype == "float32"
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
+def test_mixed_float16_uses_loss_scaling(digits_prepared, tmp_path):
+    cfg = replace(SHORT, epochs=1, warmup_epochs=0, precision="mixed_float16")
+    result = fit_model(
+        SMALL_MODEL,
+        cfg,
+        digits_prepared,
+        read_card(digits_prepared),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    assert isinstance(result.model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
+def test_interrupted_training_resumes_from_last_epoch(digits_prepared, tmp_path):
+    card = read_card(digits_prepared)
+    ckpt = tmp_path / "ckpt"
+    first = EpochCounter(stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit_model(
+            SMALL_MODEL, SHORT, digits_prepared, card, checkpoint_dir=ckpt, extra_callbacks=[first]
+        )
+    assert first.epochs == [0, 1]
+
+    second = EpochCounter()
+    result = fit_model(
+        SMALL_MODEL, SHORT, digits_prepared, card, checkpoint_dir=ckpt, extra_callbacks=[second]
+    )
+    assert second.epochs == [2]  # epochs 0 and 1 were restored, not rerun
+    assert result.history["epoch"] == [1, 2, 3]
+
+
+def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
+    card = read_card(digits_prepared)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_model(
+            SMALL_MODEL,
+            SHORT,
+            digits_prepared,
+            card,
+            checkpoint_dir=ckpt,
+            extra_callbacks=[EpochCounter(stop_after=0)],
+        )
+    counter = EpochCounter()
+    fit_model(
+        replace(SMALL_MODEL, dropout=0.3),
+        SHORT,
+        digits_prepared,
+        card,
+        checkpoint_dir=ckpt,
+        extra_callbacks=[counter],
+    )
+    assert counter.epochs == [0, 1, 2]
+
+
+def test_train_and_evaluate_stages_on_jax_backend(digits_prepared, tmp_path):
+    """The GPU machine has JAX and no TensorFlow: the stages must run on KERAS_BACKEND=jax."""
+    pytest.importorskip("jax")
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(width_multiplier=0.25)
+    params["train"].update(epochs=2, warmup_epochs=0, batch_size=128)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    for stage in ("train", "evaluate"):
+        done = run_cli([stage], tmp_path, KERAS_BACKEND="jax")
+        assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert 0.0 <= report["test_top1"] <= 1.0 and report["num_test_images"] == 270
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("digits-cnn").experiment_id])
+    assert run.data.params["keras.backend"] == "jax"
+    assert run.data.metrics["test_top1"] == pytest.approx(report["test_top1"])
