@@ -1,7 +1,10 @@
 # Two entry points on a fresh machine with Python 3.11:
 #   make run   - create .venv, install, run the pipeline (`dvc repro`) on the offline digits data
 #   make test  - create .venv, install with test extras, lint and run the test suite
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The first Python >= 3.11.4 on PATH (tarfile's safe extraction filters arrived in 3.11.4).
+PYTHON ?= $(shell for p in python3.11 python3.12 python3 python; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))' \
+	2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 # DVC stages call `python -m pipeline`: put the venv first so they use it.
@@ -9,8 +12,10 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
 .PHONY: run test lint
+.DEFAULT_GOAL := run
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.11.4 on PATH (set PYTHON=...)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

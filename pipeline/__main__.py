@@ -35,9 +35,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     params = config.read_params(args.params)
     result = train.run(
-        config.load("model", params=params),
-        config.load("train", params=params),
-        config.load("mlflow", params=params),
+        config.load("model", args.params, params),
+        config.load("train", args.params, params),
+        config.load("mlflow", args.params, params),
     )
     print(
         f"train: {result.seconds:.1f}s, {result.images_per_second:.0f} images/s, "

@@ -50,12 +50,10 @@ class FetchConfig:
 
     def __post_init__(self) -> None:
         if self.source == "archive" and not self.url:
-            raise ConfigError("params.yaml: fetch.url is required when fetch.source is 'archive'")
+            raise ConfigError("fetch.url is required when fetch.source is 'archive'")
         digest = self.sha256.lower()
         if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
-            raise ConfigError(
-                f"params.yaml: fetch.sha256 must be 64 hex digits, got {self.sha256!r}"
-            )
+            raise ConfigError(f"fetch.sha256 must be 64 hex digits, got {self.sha256!r}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
-                "params.yaml: prepare.val_fraction + prepare.test_fraction must be < 1, "
+                "prepare.val_fraction + prepare.test_fraction must be < 1, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
 
@@ -91,9 +89,7 @@ class ModelConfig:
 
         names = list_models()
         if self.arch not in names:
-            raise ConfigError(
-                f"params.yaml: model.arch {self.arch!r} is unknown; allowed: {', '.join(names)}"
-            )
+            raise ConfigError(f"model.arch {self.arch!r} is unknown; allowed: {', '.join(names)}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(
-                f"params.yaml: train.warmup_epochs ({self.warmup_epochs}) must be less than "
+                f"train.warmup_epochs ({self.warmup_epochs}) must be less than "
                 f"train.epochs ({self.epochs})"
             )
 
@@ -135,7 +131,7 @@ class MlflowConfig:
 
     def __post_init__(self) -> None:
         if not self.experiment.strip():
-            raise ConfigError("params.yaml: mlflow.experiment must not be empty")
+            raise ConfigError("mlflow.experiment must not be empty")
 
 
 @dataclass(frozen=True)
@@ -149,7 +145,7 @@ class RegisterConfig:
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
-            raise ConfigError("params.yaml: register.model_name must not be empty")
+            raise ConfigError("register.model_name must not be empty")
 
 
 SECTIONS: dict[str, type] = {
@@ -195,8 +191,11 @@ def load(section: str, path: Path = DEFAULT_PARAMS, params: dict[str, Any] | Non
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"params.yaml: {section} must be a mapping, got {type(raw).__name__}")
-    return parse(SECTIONS[section], raw, prefix=section)
+        raise ConfigError(f"{path}: {section} must be a mapping, got {type(raw).__name__}")
+    try:
+        return parse(SECTIONS[section], raw, prefix=section)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -204,10 +203,8 @@ def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     params = read_params(path)
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
-        raise ConfigError(
-            f"params.yaml: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}"
-        )
-    return {name: load(name, params=params) for name in SECTIONS}
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+    return {name: load(name, path, params) for name in SECTIONS}
 
 
 def parse(cls: type, raw: dict[str, Any], prefix: str):
@@ -215,9 +212,7 @@ def parse(cls: type, raw: dict[str, Any], prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(
-                f"params.yaml: unknown key {prefix}.{key}; allowed: {', '.join(fields)}"
-            )
+            raise ConfigError(f"unknown key {prefix}.{key}; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -233,7 +228,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         allowed = typing.get_args(hint)
         if value not in allowed or type(value) is not type(allowed[0]):
             shown = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(f"params.yaml: {key} must be one of {shown}, got {value!r}")
+            raise ConfigError(f"{key} must be one of {shown}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
@@ -242,19 +237,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"params.yaml: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"params.yaml: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"params.yaml: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"params.yaml: {key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug, not bad input
 
@@ -271,9 +266,7 @@ _BOUND_TEST = {
 def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
     for kind, bound in bounds.items():
         if not _BOUND_TEST[kind](value, bound):
-            raise ConfigError(
-                f"params.yaml: {key} must be {_BOUND_TEXT[kind]} {bound:g}, got {value!r}"
-            )
+            raise ConfigError(f"{key} must be {_BOUND_TEXT[kind]} {bound:g}, got {value!r}")
 
 
 def flatten(config: Any, prefix: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import EvaluateConfig
+from pipeline.config import EvaluateConfig, flatten
 from pipeline.data.atomic import write_json
 from pipeline.data.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 from pipeline.errors import DataError
@@ -77,6 +77,8 @@ def run(
 
     run_file = tracking.read_run_file(model_dir)
     with tracking.reopened_run(run_file["run_id"]):
+        # Tags, not params: params are immutable and a cached training run may be re-evaluated.
+        tracking.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
         tracking.log_artifacts(figures, "plots")
         tracking.log_artifacts(

@@ -28,9 +28,28 @@ DEFAULT_ARTIFACTS = Path("mlartifacts")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
+def project_root(cwd: Path | None = None) -> Path:
+    """The repo root the default store belongs to.
+
+    DVC stages run in the repo root, except queued and `--temp` experiments,
+    which run in a copy under `<repo>/.dvc/tmp/exps/`: their runs belong in the
+    repo's store, not in a copy that DVC deletes afterwards.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / DEFAULT_DB}"
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else SQLite `mlflow.db` in the working directory (the repo root)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    """MLFLOW_TRACKING_URI, else SQLite `mlflow.db` at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def _mlflow():
@@ -53,8 +72,9 @@ def ensure_experiment(name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        location = DEFAULT_ARTIFACTS.resolve().as_uri()
+    # Not `"MLFLOW_TRACKING_URI" in os.environ`: mlflow.set_tracking_uri exports it.
+    if tracking_uri() == default_tracking_uri():
+        location = (project_root() / DEFAULT_ARTIFACTS).as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
 
@@ -184,6 +204,10 @@ def log_metrics(metrics: dict[str, float]) -> None:
 
 def log_params(params: dict[str, Any]) -> None:
     _mlflow().log_params(params)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    _mlflow().set_tags(tags)
 
 
 VERSION_TAGS = ("architecture", "data_hash", "git_commit", "git_dirty", "dvc_experiment")

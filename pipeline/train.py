@@ -33,6 +33,14 @@ class TrainResult:
     images_per_second: float
 
 
+def check_batch_size(cfg: TrainConfig, train_images: int) -> None:
+    if cfg.batch_size > train_images:
+        raise PipelineError(
+            f"train.batch_size ({cfg.batch_size}) is larger than the training split "
+            f"({train_images} images); lower it in params.yaml"
+        )
+
+
 def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     """SGD (momentum, Nesterov) or AdamW with decoupled weight decay; warmup then cosine."""
     import keras
@@ -98,11 +106,7 @@ def fit_model(
     policy = set_precision(cfg.precision)
     train_x, train_y = load_split(prepared_dir, "train")
     val_x, val_y = load_split(prepared_dir, "val")
-    if cfg.batch_size > len(train_y):
-        raise PipelineError(
-            f"params.yaml: train.batch_size ({cfg.batch_size}) is larger than "
-            f"the training split ({len(train_y)} images)"
-        )
+    check_batch_size(cfg, len(train_y))
     train_batches = ArrayBatches(train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_batches = ArrayBatches(val_x, val_y, cfg.batch_size) if len(val_y) else None
 
@@ -224,6 +228,7 @@ def run(
     from pipeline.data.prepare import read_card
 
     card = read_card(prepared_dir)
+    check_batch_size(cfg, card["totals"]["train"])  # before a run or a file is created
     params = {
         **flatten(model_cfg, "model"),
         **flatten(cfg, "train"),

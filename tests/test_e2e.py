@@ -95,6 +95,7 @@ def test_mlflow_run_holds_params_curves_model_and_tags(project):
     assert run.data.params["model.arch"] == params["model"]["arch"]
     assert run.data.params["train.epochs"] == str(params["train"]["epochs"])
     assert int(run.data.params["model.total_params"]) > 0
+    assert run.data.tags["evaluate.batch_size"] == str(params["evaluate"]["batch_size"])
     epochs = params["train"]["epochs"]
     for metric in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "learning_rate"):
         history = c.get_metric_history(run.info.run_id, metric)
@@ -107,6 +108,8 @@ def test_mlflow_run_holds_params_curves_model_and_tags(project):
     card = json.loads((project / "data/prepared/data_card.json").read_text())
     assert run.data.tags["data_hash"] == card["data_hash"]
 
+    assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
+    assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"model_summary.txt", "plots", "metrics"} <= artifacts
     plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
@@ -207,3 +210,27 @@ def test_dvc_exp_run_makes_a_second_comparable_run(project):
     assert "resnet-try" in found
     exp_metrics = found["resnet-try"]["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]
     assert exp_metrics["test_top1"] == pytest.approx(latest.data.metrics["test_top1"])
+
+
+def test_temp_workspace_experiment_lands_in_the_repo_store(project):
+    """Queued and --temp experiments run in a copy under .dvc/tmp/exps that DVC deletes."""
+    before = len(runs(project))
+    sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--temp",
+            "-n",
+            "temp-try",
+            "-S",
+            "train.epochs=1",
+            "-S",
+            "train.warmup_epochs=0",
+        ],
+        project,
+    )
+    after = runs(project)
+    assert len(after) == before + 1
+    assert after[-1].data.tags["dvc_experiment"] == "temp-try"
+    assert after[-1].info.artifact_uri.startswith((project / "mlartifacts").as_uri())

@@ -1,0 +1,99 @@
+"""The MLflow side on a real SQLite store: where runs go, and promotion's gate."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import tracking
+from pipeline.errors import PipelineError, PromotionRefused
+from pipeline.models.registry import build_model
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh project directory with the default store (no MLFLOW_TRACKING_URI)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow exports it
+
+
+def test_project_root_is_the_repo_for_dvc_temp_workspaces(tmp_path):
+    assert tracking.project_root(tmp_path) == tmp_path
+    temp_workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    temp_workspace.mkdir(parents=True)
+    assert tracking.project_root(temp_workspace) == tmp_path
+
+
+def test_default_store_is_sqlite_with_artifacts_in_mlartifacts(store):
+    assert tracking.tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
+    tracking.ensure_experiment("exp")
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking.tracking_uri()).get_experiment_by_name("exp")
+    assert experiment.artifact_location == (store / "mlartifacts").as_uri()
+
+
+def register_version(name: str, top1: float) -> str:
+    """A real tiny model, logged in a run with `test_top1`, registered as a new version."""
+    model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
+    with tracking.training_run("exp", run_name="t", params={"p": 1}, tags={}) as run_id:
+        model_uri = tracking.log_model(model, input_shape=(8, 8, 1), num_classes=3)
+        tracking.log_metrics({"test_top1": top1})
+    return tracking.register(
+        {"run_id": run_id, "model_uri": model_uri}, name, metrics={"test_top1": top1}
+    )
+
+
+def test_register_and_promote_gate(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    assert register_version("m", 0.90) == "1"
+    assert client.get_model_version_by_alias("m", "challenger").version == 1
+
+    assert tracking.promote(
+        "m", version=None, metric="test_top1", higher_is_better=True, force=False
+    ) == ("1", None, 0.90)
+    assert register_version("m", 0.80) == "2"
+    with pytest.raises(PromotionRefused, match="0.8000 is worse than champion v1's 0.9000"):
+        tracking.promote("m", version=None, metric="test_top1", higher_is_better=True, force=False)
+    assert client.get_model_version_by_alias("m", "champion").version == 1
+    # Lower is better (a loss): the same figures now favour v2.
+    assert tracking.promote(
+        "m", version="2", metric="test_top1", higher_is_better=False, force=False
+    ) == ("2", 0.90, 0.80)
+    assert client.get_model_version_by_alias("m", "champion").version == 2
+
+    version = client.get_model_version("m", "1")
+    assert version.tags["test_top1"] == "0.9"
+    assert "Test: test_top1=0.9000" in version.description
+
+
+def test_promote_errors_name_the_problem(store):
+    tracking.ensure_experiment("exp")
+    with pytest.raises(PipelineError, match="'nope' has no alias 'challenger'"):
+        tracking.promote(
+            "nope", version=None, metric="test_top1", higher_is_better=True, force=False
+        )
+    register_version("m", 0.5)
+    with pytest.raises(PipelineError, match="has no metric 'val_top1'"):
+        tracking.promote("m", version=None, metric="val_top1", higher_is_better=True, force=False)
+
+
+def test_logged_model_predicts_like_keras(store):
+    import mlflow
+
+    model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
+    with tracking.training_run("exp", run_name="t", params={}, tags={}):
+        uri = tracking.log_model(model, input_shape=(8, 8, 1), num_classes=3)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 1)).astype(np.float32)
+    loaded = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(
+        np.asarray(loaded.predict(images)),
+        keras.ops.convert_to_numpy(model(images)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
