@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,10 @@ from PIL import Image
 
 from pipeline.config import FetchConfig
 from pipeline.data.archive import archive_kind, archive_name, download, safe_extract
+from pipeline.data.atomic import atomic_dir
+from pipeline.data.layout import IMAGE_SUFFIXES, RAW_DIR
 from pipeline.errors import DataError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 # Folder names that mean "split layout", and the name each one is written as.
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 # Root-level files worth keeping beside the class folders.
@@ -31,53 +31,16 @@ KEEP_FILES = ("classes.txt",)
 IGNORED_DIRS = frozenset({"__MACOSX"})
 
 
-def run(cfg: FetchConfig, out_dir: Path = Path("data/raw")) -> dict:
+def run(cfg: FetchConfig, out_dir: Path = RAW_DIR) -> dict:
     """Produce `out_dir` from `cfg` and return the dict also written to source.json."""
     out_dir = Path(out_dir)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = _make_work_dir(out_dir)
-    except OSError as exc:
-        raise DataError(f"fetch: cannot create {out_dir} ({exc.strerror or exc})") from exc
-    try:
-        info = _fetch_digits(work) if cfg.source == "digits" else _fetch_archive(cfg, work)
-        (work / "source.json").write_text(json.dumps(info, indent=2) + "\n")
-        _swap_into_place(work, out_dir)
+        with atomic_dir(out_dir) as work:
+            info = _fetch_digits(work) if cfg.source == "digits" else _fetch_archive(cfg, work)
+            (work / "source.json").write_text(json.dumps(info, indent=2) + "\n")
     except OSError as exc:
         raise DataError(f"fetch: writing {out_dir} failed ({exc.strerror or exc})") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # gone already after a successful swap
     return info
-
-
-def _make_work_dir(out_dir: Path) -> Path:
-    """A hidden sibling of out_dir (same filesystem, so the final rename is atomic)."""
-    work = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    work.mkdir()
-    return work
-
-
-def _swap_into_place(work: Path, out_dir: Path) -> None:
-    """Move any old out_dir aside, rename work to out_dir, then delete the old one."""
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-        os.replace(out_dir, old)
-    try:
-        os.replace(work, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- digits

@@ -33,14 +33,12 @@ from pipeline.data.layout import (
 )
 from pipeline.errors import DataError
 
-SPLIT_ALIASES = {"validation": "val"}
-
 
 def list_images(raw_dir: Path) -> dict[str, list[tuple[Path, str]]]:
     """Map split name ("all" when the archive has no splits) to (image path, class name)."""
     source = _read_source(raw_dir)
     splits = source.get("splits") or []
-    roots = {SPLIT_ALIASES.get(s, s): raw_dir / s for s in splits} if splits else {"all": raw_dir}
+    roots = {s: raw_dir / s for s in splits} if splits else {"all": raw_dir}
     found: dict[str, list[tuple[Path, str]]] = {}
     for split, root in roots.items():
         items = []
