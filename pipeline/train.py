@@ -138,7 +138,7 @@ def fit_model(
         *extra_callbacks,
     ]
     started = time.perf_counter()
-    model.fit(
+    fitted = model.fit(
         train_batches,
         validation_data=val_batches,
         epochs=cfg.epochs,
@@ -151,7 +151,8 @@ def fit_model(
         history=read_history(history_csv),
         policy=policy,
         seconds=seconds,
-        images_per_second=cfg.epochs * len(train_y) / seconds,
+        # epochs run by this process: fewer than cfg.epochs when resumed
+        images_per_second=len(fitted.epoch) * len(train_y) / seconds,
     )
 
 

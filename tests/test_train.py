@@ -113,6 +113,7 @@ def test_interrupted_training_resumes_from_last_epoch(digits_prepared, tmp_path)
     )
     assert second.epochs == [2]  # epochs 0 and 1 were restored, not rerun
     assert result.history["epoch"] == [1, 2, 3]
+    assert result.images_per_second == pytest.approx(card["totals"]["train"] / result.seconds)
 
 
 def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
