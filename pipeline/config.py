@@ -83,13 +83,36 @@ class ModelConfig:
     width_multiplier: float = _num(1.0, gt=0, le=8)
     # no early downsampling: for 32x32 and smaller inputs
     small_input: bool = True
+    # Operator choices of hand-written families (pipeline.models.blocks.LayerChoices).
+    conv: Literal["standard", "separable", "group", "dilated", "spatial_separable"] = "standard"
+    groups: int = _num(4, ge=1)
+    norm: Literal["batch", "group", "layer", "none"] = "batch"
+    activation: Literal["relu", "leaky_relu", "elu", "gelu"] = "relu"
+    padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
+    downsample: Literal["max", "avg", "strided"] = "max"
+    head: Literal["default", "gap", "flatten", "max_avg"] = "default"
 
     def __post_init__(self) -> None:
-        from pipeline.models.registry import list_models
+        from pipeline.models.registry import check_buildable, list_models
 
         names = list_models()
         if self.arch not in names:
             raise ConfigError(f"model.arch {self.arch!r} is unknown; allowed: {', '.join(names)}")
+        check_buildable(self.arch, (1 << 30, 1 << 30, 3), self.layer_choices())
+
+    def layer_choices(self):
+        """The operator choices as the model builders take them."""
+        from pipeline.models.blocks import LayerChoices
+
+        return LayerChoices(
+            conv=self.conv,
+            groups=self.groups,
+            norm=self.norm,
+            activation=self.activation,
+            padding=self.padding,
+            downsample=self.downsample,
+            head=self.head,
+        )
 
 
 @dataclass(frozen=True)

@@ -227,9 +227,12 @@ def run(
     from pipeline import tracking
     from pipeline.data.atomic import atomic_dir
     from pipeline.data.prepare import read_card
+    from pipeline.models.registry import check_buildable
 
     card = read_card(prepared_dir)
-    check_batch_size(cfg, card["totals"]["train"])  # before a run or a file is created
+    # Bad input fails here, before an MLflow run or a file is created.
+    check_batch_size(cfg, card["totals"]["train"])
+    check_buildable(model_cfg.arch, tuple(card["image_shape"]), model_cfg.layer_choices())
     params = {
         **flatten(model_cfg, "model"),
         **flatten(cfg, "train"),

@@ -1,10 +1,50 @@
-"""Layers every family shares: input scaling, conv-BN-activation, classifier head."""
+"""Layers every hand-written family shares, with the seeds' operator choices.
+
+`LayerChoices` picks the convolution type, normalization, activation, padding
+mode, downsampling and head; `conv_norm_act`, `downsample` and
+`classifier_head` apply them, so every hand-written family (and SimpleCNN)
+offers the same choices. Families from keras.applications keep their own
+operators.
+
+keras is imported inside the functions so that importing the registry (for
+names and config validation) does not start TensorFlow.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CONV_TYPES = ("standard", "separable", "group", "dilated", "spatial_separable")
+NORMS = ("batch", "group", "layer", "none")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu")
+DOWNSAMPLES = ("max", "avg", "strided")
+HEADS = ("default", "gap", "flatten", "max_avg")
 
 # PyTorch's default (its momentum=0.1): moving statistics settle within a few hundred
 # steps, where Keras's 0.99 leaves short runs evaluating with near-initial statistics.
 BN_MOMENTUM = 0.9
+# PyTorch's LeakyReLU default slope.
+LEAKY_SLOPE = 0.01
+
+
+@dataclass(frozen=True)
+class LayerChoices:
+    """Operator choices for hand-written families; the defaults are the classic ones."""
+
+    conv: str = "standard"
+    groups: int = 4  # for conv="group"
+    norm: str = "batch"
+    activation: str = "relu"
+    padding: str = "zeros"  # zeros | reflect | replicate | circular
+    downsample: str = "max"
+    head: str = "default"
+
+    def is_default(self) -> bool:
+        return self == LayerChoices()
+
+
+DEFAULT_CHOICES = LayerChoices()
 
 
 def scaled_width(filters: int, width_multiplier: float, divisor: int = 8) -> int:
@@ -22,6 +62,123 @@ def image_input(input_shape: tuple[int, int, int]):
     return inputs, x
 
 
+def pad(x, amount: int, choices: LayerChoices, name: str):
+    """Symmetric spatial padding in the chosen mode (a no-op for 0)."""
+    from pipeline.models.layers import Pad2D
+
+    if amount == 0:
+        return x
+    return Pad2D(amount, mode=choices.padding, name=f"{name}_pad")(x)
+
+
+def conv(
+    x,
+    filters: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    name: str,
+    choices: LayerChoices = DEFAULT_CHOICES,
+    use_bias: bool = False,
+    groups: int | None = None,
+):
+    """A convolution of the chosen type and padding mode, output size ceil(input / strides).
+
+    1x1 convolutions are always standard (the types differ only in the spatial part).
+    `groups` forces a group convolution (ResNeXt, ShuffleNet) whatever the choice.
+    """
+    from keras import layers
+
+    common = {"use_bias": use_bias, "name": f"{name}_conv"}
+    kind = "standard" if kernel_size == 1 else choices.conv
+    if groups:
+        kind = "group"
+    dilation = 2 if kind == "dilated" and strides == 1 else 1
+    if choices.padding == "zeros" or kernel_size == 1:
+        padding = "same"
+    else:
+        x = pad(x, dilation * (kernel_size - 1) // 2, choices, name)
+        padding = "valid"
+    if kind == "separable":
+        return layers.SeparableConv2D(
+            filters, kernel_size, strides=strides, padding=padding, **common
+        )(x)
+    if kind == "spatial_separable":
+        x = layers.Conv2D(
+            filters,
+            (kernel_size, 1),
+            strides=(strides, 1),
+            padding=padding,
+            use_bias=use_bias,
+            name=f"{name}_conv_kx1",
+        )(x)
+        return layers.Conv2D(
+            filters, (1, kernel_size), strides=(1, strides), padding=padding, **common
+        )(x)
+    groups = math.gcd(groups or choices.groups, x.shape[-1], filters) if kind == "group" else 1
+    return layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        groups=groups,
+        dilation_rate=dilation,
+        kernel_initializer="he_normal",
+        **common,
+    )(x)
+
+
+def norm(x, choices: LayerChoices, name: str):
+    """The chosen normalization over channels (none: identity)."""
+    from keras import layers
+
+    if choices.norm == "batch":
+        return layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    if choices.norm == "group":
+        groups = math.gcd(32, x.shape[-1])
+        return layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
+    if choices.norm == "layer":
+        return layers.LayerNormalization(axis=-1, name=f"{name}_ln")(x)
+    return x
+
+
+def activation(x, choices: LayerChoices, name: str):
+    from keras import layers
+
+    if choices.activation == "leaky_relu":
+        return layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"{name}_leaky_relu")(x)
+    return layers.Activation(choices.activation, name=f"{name}_{choices.activation}")(x)
+
+
+def conv_norm_act(
+    x,
+    filters: int,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    name: str,
+    choices: LayerChoices = DEFAULT_CHOICES,
+    act: bool = True,
+    groups: int | None = None,
+):
+    """Convolution, normalization, then activation (`act=False`: none, e.g. before a residual add).
+
+    Without normalization the convolution gets a bias.
+    """
+    x = conv(
+        x,
+        filters,
+        kernel_size,
+        strides=strides,
+        name=name,
+        choices=choices,
+        use_bias=choices.norm == "none",
+        groups=groups,
+    )
+    x = norm(x, choices, name)
+    return activation(x, choices, name) if act else x
+
+
 def conv_bn_act(
     x,
     filters: int,
@@ -31,30 +188,61 @@ def conv_bn_act(
     name: str,
     activation: str | None = "relu",
 ):
-    """Convolution without bias, batch norm, then the activation (None: no activation)."""
-    from keras import layers
-
-    x = layers.Conv2D(
+    """Standard conv, batch norm, activation: for fixed published blocks (no choices)."""
+    choices = LayerChoices(activation=activation or "relu")
+    return conv_norm_act(
+        x,
         filters,
         kernel_size,
         strides=strides,
-        padding="same",
-        use_bias=False,
-        kernel_initializer="he_normal",
-        name=f"{name}_conv",
-    )(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
-    if activation:
-        x = layers.Activation(activation, name=f"{name}_{activation}")(x)
-    return x
+        name=name,
+        choices=choices,
+        act=activation is not None,
+    )
 
 
-def classifier_head(x, num_classes: int, *, dropout: float):
-    """Global average pool, dropout, dense; softmax in float32 so mixed precision stays stable."""
+def downsample(x, choices: LayerChoices, name: str, *, pool_size: int = 2, strides: int = 2):
+    """Halve H and W by max pool, average pool, or a strided 3x3 conv (keeps channels)."""
     from keras import layers
 
-    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if choices.downsample == "strided":
+        return conv_norm_act(x, x.shape[-1], 3, strides=strides, name=name, choices=choices)
+    pool = layers.MaxPooling2D if choices.downsample == "max" else layers.AveragePooling2D
+    return pool(
+        pool_size, strides=strides, padding="same", name=f"{name}_{choices.downsample}pool"
+    )(x)
+
+
+def classifier_head(x, num_classes: int, *, dropout: float, head: str = "gap"):
+    """Pool (global average, flatten, or concatenated global max + average), dropout, dense.
+
+    The softmax runs in float32 so mixed precision stays numerically stable.
+    """
+    from keras import layers
+
+    if head == "flatten":
+        x = layers.Flatten(name="head_flatten")(x)
+    elif head == "max_avg":
+        x = layers.Concatenate(name="head_max_avg")(
+            [
+                layers.GlobalMaxPooling2D(name="head_maxpool")(x),
+                layers.GlobalAveragePooling2D(name="head_pool")(x),
+            ]
+        )
+    else:
+        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name="head_dropout")(x)
+    return probabilities(x, num_classes)
+
+
+def probabilities(x, num_classes: int):
+    """The last dense layer and a float32 softmax: every model's output."""
+    from keras import layers
+
     x = layers.Dense(num_classes, name="head_dense")(x)
     return layers.Activation("softmax", dtype="float32", name="probs")(x)
+
+
+def resolve_head(choices: LayerChoices, family_default: str = "gap") -> str:
+    return family_default if choices.head == "default" else choices.head

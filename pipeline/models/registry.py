@@ -1,29 +1,60 @@
-"""Architecture name -> builder function; the only place names are mapped.
+"""Architecture name -> builder function and facts; the only place names are mapped.
 
 Builders register themselves with `@register_model` (timm's pattern) and share
 one signature, so train, bench and the model card can build any of them:
 
-    builder(input_shape, num_classes, *, dropout, width_multiplier, small_input) -> keras.Model
+    builder(input_shape, num_classes, *, dropout, width_multiplier, small_input, choices)
+        -> keras.Model taking raw 0..255 pixels and returning float32 probabilities
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
-_BUILDERS: dict[str, Callable] = {}
+from pipeline.errors import ConfigError
+from pipeline.models.blocks import DEFAULT_CHOICES, LayerChoices
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about an architecture before building it."""
+
+    name: str
+    builder: Callable
+    family: str
+    # smallest input side the architecture accepts
+    min_size: int = 8
+    # the seeds' operator choices (LayerChoices) apply: hand-written families only
+    hand_written: bool = True
+    # the input side of its published (ImageNet) configuration, for the model card
+    imagenet_size: int = 224
+
+
+_SPECS: dict[str, ModelSpec] = {}
 # Modules whose import registers builders; imported on first lookup so that
 # `import pipeline` stays free of keras/tensorflow.
-_FAMILY_MODULES = ("pipeline.models.simple", "pipeline.models.resnet")
+_FAMILY_MODULES = (
+    "pipeline.models.simple",
+    "pipeline.models.resnet",
+)
 
 
-def register_model(name: str) -> Callable[[Callable], Callable]:
+def register_model(
+    name: str,
+    *,
+    family: str,
+    min_size: int = 8,
+    hand_written: bool = True,
+    imagenet_size: int = 224,
+) -> Callable[[Callable], Callable]:
     """Decorator: make `fn` buildable as `name`."""
 
     def decorate(fn: Callable) -> Callable:
-        if name in _BUILDERS:
+        if name in _SPECS:
             raise ValueError(f"model {name!r} registered twice")
-        _BUILDERS[name] = fn
+        _SPECS[name] = ModelSpec(name, fn, family, min_size, hand_written, imagenet_size)
         return fn
 
     return decorate
@@ -37,7 +68,33 @@ def _load_families() -> None:
 def list_models() -> list[str]:
     """Every registered architecture name, sorted."""
     _load_families()
-    return sorted(_BUILDERS)
+    return sorted(_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    _load_families()
+    if name not in _SPECS:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(_SPECS))}")
+    return _SPECS[name]
+
+
+def check_buildable(
+    name: str, input_shape: tuple[int, int, int], choices: LayerChoices = DEFAULT_CHOICES
+) -> None:
+    """Raise ConfigError (one line, naming the key) if `name` cannot be built as asked."""
+    spec = get_spec(name)
+    side = min(input_shape[0], input_shape[1])
+    if side < spec.min_size:
+        raise ConfigError(
+            f"model.arch {name} needs images of at least {spec.min_size}x{spec.min_size}, "
+            f"got {input_shape[0]}x{input_shape[1]} (raise prepare.image_size)"
+        )
+    if not spec.hand_written and not choices.is_default():
+        changed = [k for k, v in vars(choices).items() if getattr(DEFAULT_CHOICES, k) != v]
+        raise ConfigError(
+            f"model.{changed[0]} applies to hand-written architectures only; {name} comes "
+            "from keras.applications with its own operators (leave it at its default)"
+        )
 
 
 def build_model(
@@ -48,15 +105,15 @@ def build_model(
     dropout: float = 0.0,
     width_multiplier: float = 1.0,
     small_input: bool = True,
+    choices: LayerChoices = DEFAULT_CHOICES,
 ):
     """Build architecture `name` for images of `input_shape` (H, W, C) and raw 0..255 pixels."""
-    _load_families()
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[name](
-        input_shape,
+    check_buildable(name, input_shape, choices)
+    return get_spec(name).builder(
+        tuple(input_shape),
         num_classes,
         dropout=dropout,
         width_multiplier=width_multiplier,
         small_input=small_input,
+        choices=choices,
     )

@@ -1,0 +1,81 @@
+"""Custom Keras layers (serializable, every backend).
+
+Keras convolutions pad with zeros only ("same"); the seeds' other padding modes
+are built here from slices so they run identically on TensorFlow, JAX and torch.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Pad2D(keras.layers.Layer):
+    """Pad H and W of NHWC tensors like `np.pad` modes constant(0)/reflect/edge/wrap.
+
+    `padding` is ((top, bottom), (left, right)) or one int for all four sides.
+    """
+
+    def __init__(self, padding=1, mode: str = "zeros", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PADDING_MODES:
+            raise ValueError(f"padding mode must be one of {PADDING_MODES}, got {mode!r}")
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        self.padding = tuple(tuple(int(p) for p in side) for side in padding)
+        self.mode = mode
+
+    def call(self, x):
+        for axis, (before, after) in zip((1, 2), self.padding, strict=True):
+            x = self._pad_axis(x, axis, before, after)
+        return x
+
+    def _pad_axis(self, x, axis: int, before: int, after: int):
+        if not before and not after:
+            return x
+        size = x.shape[axis]
+        if self.mode == "reflect" and max(before, after) >= size:
+            raise ValueError(f"reflect padding {max(before, after)} needs a side longer than it")
+        if self.mode == "circular" and max(before, after) > size:
+            raise ValueError(f"circular padding {max(before, after)} exceeds the side {size}")
+
+        def take(start, stop):
+            index = [slice(None)] * 4
+            index[axis] = slice(start, stop)
+            return x[tuple(index)]
+
+        parts = []
+        if before:
+            parts.append(self._edge(take, x, axis, before, leading=True))
+        parts.append(x)
+        if after:
+            parts.append(self._edge(take, x, axis, after, leading=False))
+        return ops.concatenate(parts, axis=axis)
+
+    def _edge(self, take, x, axis: int, width: int, *, leading: bool):
+        if self.mode == "zeros":
+            shape = list(ops.shape(x))
+            shape[axis] = width
+            return ops.zeros(shape, dtype=x.dtype)
+        if self.mode == "replicate":
+            return ops.repeat(take(0, 1) if leading else take(-1, None), width, axis=axis)
+        if self.mode == "circular":
+            return take(-width, None) if leading else take(0, width)
+        # reflect: mirror without repeating the edge row, like np.pad(mode="reflect")
+        return ops.flip(take(1, width + 1) if leading else take(-width - 1, -1), axis=axis)
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        (top, bottom), (left, right) = self.padding
+        return (
+            n,
+            None if h is None else h + top + bottom,
+            None if w is None else w + left + right,
+            c,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "padding": self.padding, "mode": self.mode}
