@@ -37,7 +37,12 @@ _SPECS: dict[str, ModelSpec] = {}
 # `import pipeline` stays free of keras/tensorflow.
 _FAMILY_MODULES = (
     "pipeline.models.simple",
+    "pipeline.models.classic",
+    "pipeline.models.googlenet",
     "pipeline.models.resnet",
+    "pipeline.models.shufflenet",
+    "pipeline.models.applications",
+    "pipeline.models.vit",
 )
 
 
