@@ -1,0 +1,146 @@
+"""Operator choices: padding modes against np.pad, conv types against their parameter formulas.
+
+Runs on whichever Keras backend is active (CI runs it on TensorFlow and on JAX).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.models.blocks import (
+    LayerChoices,
+    conv,
+    conv_norm_act,
+    downsample,
+    norm,
+)
+from pipeline.models.layers import Pad2D
+
+NP_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@pytest.mark.parametrize("mode", list(NP_MODE))
+@pytest.mark.parametrize("padding", [1, 2, ((0, 3), (2, 1))])
+def test_padding_matches_numpy(mode, padding):
+    x = np.random.default_rng(0).normal(size=(2, 5, 6, 3)).astype(np.float32)
+    spec = padding if isinstance(padding, tuple) else ((padding, padding), (padding, padding))
+    expected = np.pad(x, ((0, 0), *spec, (0, 0)), mode=NP_MODE[mode])
+    got = keras.ops.convert_to_numpy(Pad2D(padding, mode=mode)(x))
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)  # exact: padding only copies values
+
+
+@pytest.mark.parametrize("mode", list(NP_MODE))
+def test_padding_layer_survives_save_and_load(mode, tmp_path):
+    inputs = keras.Input((5, 5, 2))
+    model = keras.Model(inputs, Pad2D(((1, 2), (2, 0)), mode=mode, name="pad")(inputs))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.get_layer("pad").get_config() == model.get_layer("pad").get_config()
+    x = np.arange(50, dtype=np.float32).reshape(1, 5, 5, 2)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x))
+    )
+
+
+def test_padding_larger_than_the_side_is_refused():
+    with pytest.raises(ValueError, match="reflect padding 3"):
+        Pad2D(3, mode="reflect")(np.zeros((1, 3, 3, 1), np.float32))
+
+
+def conv_params(kind: str, k: int = 3, cin: int = 16, cout: int = 32, groups: int = 4) -> int:
+    """Trainable parameters of one conv of `kind` built by the blocks (no bias)."""
+    inputs = keras.Input((12, 12, cin))
+    outputs = conv(inputs, cout, k, name="c", choices=LayerChoices(conv=kind, groups=groups))
+    model = keras.Model(inputs, outputs)
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize(
+    ("kind", "formula"),
+    [
+        ("standard", lambda k, ci, co, g: k * k * ci * co),
+        ("dilated", lambda k, ci, co, g: k * k * ci * co),  # same weights, wider reach
+        ("separable", lambda k, ci, co, g: k * k * ci + ci * co),  # depthwise + pointwise
+        ("group", lambda k, ci, co, g: k * k * (ci // g) * co),
+        ("spatial_separable", lambda k, ci, co, g: k * ci * co + k * co * co),  # kx1 then 1xk
+    ],
+)
+@pytest.mark.parametrize("k", [3, 5])
+def test_conv_type_parameter_formula(kind, formula, k):
+    assert conv_params(kind, k=k) == formula(k, 16, 32, 4)
+
+
+def test_dilated_conv_reaches_further_with_the_same_output_size():
+    inputs = keras.Input((16, 16, 1))
+    out = conv(inputs, 1, 3, name="c", choices=LayerChoices(conv="dilated"))
+    layer = keras.Model(inputs, out).get_layer("c_conv")
+    assert layer.dilation_rate == (2, 2) and tuple(out.shape[1:3]) == (16, 16)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_non_zero_padding_modes_keep_the_output_size(mode):
+    inputs = keras.Input((9, 9, 4))
+    for strides, expected in [(1, 9), (2, 5)]:
+        out = conv(
+            inputs, 8, 3, strides=strides, name=f"c{strides}", choices=LayerChoices(padding=mode)
+        )
+        assert tuple(out.shape[1:3]) == (expected, expected)
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer_type"),
+    [
+        ("batch", keras.layers.BatchNormalization),
+        ("group", keras.layers.GroupNormalization),
+        ("layer", keras.layers.LayerNormalization),
+    ],
+)
+def test_norm_choices(kind, layer_type):
+    inputs = keras.Input((4, 4, 64))
+    model = keras.Model(inputs, norm(inputs, LayerChoices(norm=kind), name="n"))
+    assert isinstance(model.layers[-1], layer_type)
+
+
+def test_no_norm_gives_the_conv_a_bias():
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(
+        inputs, conv_norm_act(inputs, 8, 3, name="c", choices=LayerChoices(norm="none"))
+    )
+    assert model.get_layer("c_conv").use_bias
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu", "elu", "gelu"])
+def test_activation_choices_compute_their_function(kind):
+    inputs = keras.Input((1, 1, 1))
+    out = conv_norm_act(inputs, 1, 1, name="c", choices=LayerChoices(norm="none", activation=kind))
+    model = keras.Model(inputs, out)
+    model.get_layer("c_conv").set_weights([np.ones((1, 1, 1, 1)), np.zeros(1)])
+    x = np.array([-2.0, -0.5, 0.0, 1.5], np.float32).reshape(4, 1, 1, 1)
+    got = keras.ops.convert_to_numpy(model(x)).ravel()
+    reference = {
+        "relu": np.maximum(x, 0),
+        "leaky_relu": np.where(x > 0, x, 0.01 * x),
+        "elu": np.where(x > 0, x, np.expm1(x)),
+        "gelu": keras.ops.convert_to_numpy(keras.activations.gelu(x)),
+    }[kind].ravel()
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer_type"),
+    [
+        ("max", keras.layers.MaxPooling2D),
+        ("avg", keras.layers.AveragePooling2D),
+        ("strided", keras.layers.Conv2D),
+    ],
+)
+def test_downsample_choices_halve_the_map(kind, layer_type):
+    inputs = keras.Input((8, 8, 4))
+    out = downsample(inputs, LayerChoices(downsample=kind), name="d")
+    model = keras.Model(inputs, out)
+    assert tuple(out.shape[1:]) == (4, 4, 4)
+    assert any(isinstance(layer, layer_type) for layer in model.layers)
