@@ -74,6 +74,22 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(f"{args.params}: valid")
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    """Print the model card of each registered architecture (a table, or JSON)."""
+    import json
+
+    from pipeline.models import card
+
+    cards = card.registry_cards(
+        args.image_size,
+        args.num_classes,
+        args.channels,
+        names=args.arch,
+        small_input=args.small_input,
+    )
+    print(json.dumps(cards, indent=2) if args.json else card.format_table(cards))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -97,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", help="version to promote (default: @challenger)")
     promote.add_argument("--force", action="store_true", help="promote even if worse")
     promote.set_defaults(func=cmd_promote)
+    models = commands.add_parser(
+        "models", help="model card per architecture: params, MACs, depth, receptive field"
+    )
+    models.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    models.add_argument(
+        "--image-size", type=int, help="input side (default: each model's ImageNet size)"
+    )
+    models.add_argument("--num-classes", type=int, default=1000, help="default: 1000")
+    models.add_argument("--channels", type=int, default=3, help="default: 3")
+    models.add_argument("--arch", nargs="+", metavar="NAME", help="default: every architecture")
+    models.add_argument(
+        "--small-input", action="store_true", help="CIFAR-style stems (model.small_input)"
+    )
+    models.set_defaults(func=cmd_models)
     return parser
 
 

@@ -18,6 +18,7 @@ def load_trained_model(model_dir: Path = MODEL_DIR):
     """The trained Keras model, loaded in safe mode (no code from the file runs)."""
     import keras
 
+    import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
     from pipeline.train import MODEL_FILE
 
     path = model_dir / MODEL_FILE

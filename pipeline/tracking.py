@@ -190,6 +190,10 @@ def log_text(text: str, name: str) -> None:
     _mlflow().log_text(text, name)
 
 
+def log_dict(data: dict, name: str) -> None:
+    _mlflow().log_dict(data, name)
+
+
 @contextlib.contextmanager
 def reopened_run(run_id: str) -> Iterator[None]:
     """Resume the run started by train, for evaluate's metrics and plots."""
@@ -237,8 +241,11 @@ def _describe(run, metrics: dict[str, float]) -> str:
     lines = [
         f"{params.get('model.arch', '?')} trained on {params.get('data.source', '?')} "
         f"({params.get('data.image_shape', '?')}, {params.get('data.num_classes', '?')} classes).",
-        f"Parameters: {params.get('model.total_params', '?')} "
-        f"({params.get('model.trainable_params', '?')} trainable).",
+        f"Parameters: {params.get('model.params', '?')} "
+        f"({params.get('model.trainable_params', '?')} trainable), "
+        f"{params.get('model.macs', '?')} multiply-accumulates per image, "
+        f"depth {params.get('model.depth', '?')}, "
+        f"receptive field {params.get('model.receptive_field', '?')} px.",
         "Test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
         f"Run: {run.info.run_id}; git commit {run.data.tags.get('git_commit', 'unknown')}.",
     ]

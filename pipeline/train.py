@@ -7,7 +7,6 @@ checkpoints), used by the stage, the tests and benchmarks; `run` is the stage.
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import sys
 import time
@@ -20,6 +19,16 @@ from pipeline.errors import PipelineError
 
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
+# Model card figures logged as `model.<key>` params (the whole card is an artifact too).
+CARD_PARAMS = (
+    "params",
+    "trainable_params",
+    "non_trainable_params",
+    "macs",
+    "depth",
+    "receptive_field",
+    "output_stride",
+)
 # Normalization layers and biases are not decayed (the usual practice since AdamW).
 NO_DECAY = ["gamma", "beta", "bias"]
 
@@ -227,6 +236,7 @@ def run(
     from pipeline import tracking
     from pipeline.data.atomic import atomic_dir
     from pipeline.data.prepare import read_card
+    from pipeline.models.card import model_card
     from pipeline.models.registry import check_buildable
 
     card = read_card(prepared_dir)
@@ -263,13 +273,11 @@ def run(
         model = result.model
         summary = model_summary(model)
         tracking.log_text(summary, "model_summary.txt")
+        card = model_card(model)
         tracking.log_params(
-            {
-                "precision_policy": result.policy,
-                "model.total_params": model.count_params(),
-                "model.trainable_params": sum(math.prod(w.shape) for w in model.trainable_weights),
-            }
+            {"precision_policy": result.policy} | {f"model.{k}": card[k] for k in CARD_PARAMS}
         )
+        tracking.log_dict(card, "model_card.json")
         tracking.log_metrics(
             {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
         )

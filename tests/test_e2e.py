@@ -94,7 +94,8 @@ def test_mlflow_run_holds_params_curves_model_and_tags(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert run.data.params["model.arch"] == params["model"]["arch"]
     assert run.data.params["train.epochs"] == str(params["train"]["epochs"])
-    assert int(run.data.params["model.total_params"]) > 0
+    assert int(run.data.params["model.params"]) > 0 and int(run.data.params["model.macs"]) > 0
+    assert int(run.data.params["model.receptive_field"]) > 1
     assert run.data.tags["evaluate.batch_size"] == str(params["evaluate"]["batch_size"])
     epochs = params["train"]["epochs"]
     for metric in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "learning_rate"):
@@ -111,7 +112,7 @@ def test_mlflow_run_holds_params_curves_model_and_tags(project):
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"model_summary.txt", "plots", "metrics"} <= artifacts
+    assert {"model_summary.txt", "model_card.json", "plots", "metrics"} <= artifacts
     plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= plots
     run_file = json.loads((project / "data/model/mlflow_run.json").read_text())

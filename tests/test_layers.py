@@ -45,9 +45,17 @@ def test_padding_layer_survives_save_and_load(mode, tmp_path):
     )
 
 
-def test_padding_larger_than_the_side_is_refused():
-    with pytest.raises(ValueError, match="reflect padding 3"):
-        Pad2D(3, mode="reflect")(np.zeros((1, 3, 3, 1), np.float32))
+def test_reflect_on_a_side_too_short_repeats_the_edge():
+    x = np.arange(6, dtype=np.float32).reshape(1, 1, 6, 1)  # a 1-pixel-high map
+    got = keras.ops.convert_to_numpy(Pad2D(1, mode="reflect")(x))
+    expected = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)), mode="edge")  # H: too short
+    expected = np.pad(expected, ((0, 0), (0, 0), (1, 1), (0, 0)), mode="reflect")  # W: fine
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_circular_padding_wider_than_the_side_is_refused():
+    with pytest.raises(ValueError, match="circular padding 3"):
+        Pad2D(3, mode="circular")(np.zeros((1, 2, 2, 1), np.float32))
 
 
 def conv_params(kind: str, k: int = 3, cin: int = 16, cout: int = 32, groups: int = 4) -> int:
@@ -144,3 +152,41 @@ def test_downsample_choices_halve_the_map(kind, layer_type):
     model = keras.Model(inputs, out)
     assert tuple(out.shape[1:]) == (4, 4, 4)
     assert any(isinstance(layer, layer_type) for layer in model.layers)
+
+
+def test_reflect_padded_resnet_builds_down_to_a_1x1_map():
+    from pipeline.models.registry import build_model
+
+    model = build_model(
+        "resnet18", (8, 8, 1), 3, width_multiplier=0.25, choices=LayerChoices(padding="reflect")
+    )
+    assert model.get_layer("head_pool").input.shape[1:3] == (1, 1)
+    assert np.isfinite(keras.ops.convert_to_numpy(model(np.ones((1, 8, 8, 1))))).all()
+
+
+def test_model_with_custom_layers_loads_in_a_fresh_process(tmp_path):
+    """The evaluate stage loads in a new process, where nothing has registered the layers yet."""
+    import subprocess
+    import sys
+
+    from pipeline.models.registry import build_model
+
+    model = build_model("vit_tiny", (8, 8, 1), 3, width_multiplier=0.25, choices=LayerChoices())
+    padded = build_model(
+        "simple_cnn", (8, 8, 1), 3, width_multiplier=0.25, choices=LayerChoices(padding="circular")
+    )
+    for name, m in (("vit", model), ("padded", padded)):
+        (tmp_path / name).mkdir()
+        m.save(tmp_path / name / "model.keras")
+    code = (
+        "import sys; from pathlib import Path; from pipeline.evaluate import load_trained_model;"
+        "print(*[load_trained_model(Path(p)).count_params() for p in sys.argv[1:]])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "vit"), str(tmp_path / "padded")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(model.count_params()), str(padded.count_params())]

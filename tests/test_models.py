@@ -9,10 +9,12 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.models.registry import build_model, list_models
+from pipeline.models.registry import build_model, get_spec, list_models
 
-# Builders name every layer after its place in the network.
-LAYER_NAME = re.compile(r"^(image|rescale|stem|stage\d+|head|probs)(_|$)")
+# Builders name every layer after its place in the network; `blockN_`: the layers
+# keras.applications builds on our input (VGG-16/19: block1_conv1 ... block5_pool).
+# `backbone_`: the other keras.applications (applications.py), renamed by their adapter.
+LAYER_NAME = re.compile(r"^(image|rescale|stem|stage\d+|block\d+|backbone|head|probs)(_|$)")
 
 
 @pytest.fixture
@@ -53,7 +55,10 @@ def check_forward(model, shape: tuple[int, int, int]) -> np.ndarray:
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.parametrize("name", list_models())
 def test_architecture(name: str, tmp_path: Path, restore_policy) -> None:
-    for shape in [(16, 16, 1), (32, 32, 3)]:
+    # Sizes below the architecture's minimum are skipped (the minimum itself if none is left).
+    min_size = get_spec(name).min_size
+    shapes = [s for s in [(16, 16, 1), (32, 32, 3)] if s[0] >= min_size]
+    for shape in shapes or [(min_size, min_size, 3)]:
         model = build_model(name, shape, 10, dropout=0.2)
         assert tuple(model.input_shape) == (None, *shape)
         probs = check_forward(model, shape)
@@ -74,14 +79,17 @@ def test_architecture(name: str, tmp_path: Path, restore_policy) -> None:
 
     # Mixed precision computes in bfloat16 but the probabilities stay float32.
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = build_model(name, (16, 16, 1), 10)
+    side = max(16, min_size)
+    model = build_model(name, (side, side, 1), 10)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
-    check_forward(model, (16, 16, 1))
+    check_forward(model, (side, side, 1))
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_width_multiplier_scales_params(name: str) -> None:
+    if get_spec(name).min_size > 32:
+        pytest.skip("needs larger images")
     half = build_model(name, (32, 32, 3), 10, width_multiplier=0.5)
     full = build_model(name, (32, 32, 3), 10, width_multiplier=1.0)
     assert count_params(half.weights) < count_params(full.weights)
@@ -89,6 +97,9 @@ def test_width_multiplier_scales_params(name: str) -> None:
 
 @pytest.mark.parametrize("name", list_models())
 def test_small_input_keeps_resolution(name: str) -> None:
+    if get_spec(name).min_size > 64:
+        pytest.skip("needs larger images")
+
     def final_map(small_input: bool) -> tuple[int, int]:
         model = build_model(name, (64, 64, 3), 10, small_input=small_input)
         return tuple(model.get_layer("head_pool").input.shape[1:3])

@@ -1,7 +1,9 @@
-"""Custom Keras layers (serializable, every backend).
+"""Every custom Keras layer of the zoo (serializable, every backend).
 
-Keras convolutions pad with zeros only ("same"); the seeds' other padding modes
-are built here from slices so they run identically on TensorFlow, JAX and torch.
+Import this module before loading a saved model: it registers the classes
+(`load_trained_model` does it). Keras convolutions pad with zeros only
+("same"); the seeds' other padding modes are built here from slices so they run
+identically on TensorFlow, JAX and torch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 @keras.saving.register_keras_serializable(package="pipeline")
 class Pad2D(keras.layers.Layer):
     """Pad H and W of NHWC tensors like `np.pad` modes constant(0)/reflect/edge/wrap.
+
+    Reflect on a side no longer than the padding (e.g. a 1x1 map) repeats the edge.
 
     `padding` is ((top, bottom), (left, right)) or one int for all four sides.
     """
@@ -37,9 +41,12 @@ class Pad2D(keras.layers.Layer):
         if not before and not after:
             return x
         size = x.shape[axis]
-        if self.mode == "reflect" and max(before, after) >= size:
-            raise ValueError(f"reflect padding {max(before, after)} needs a side longer than it")
-        if self.mode == "circular" and max(before, after) > size:
+        mode = self.mode
+        if mode == "reflect" and max(before, after) >= size:
+            # Undefined (np.pad and torch refuse): deep stages of small inputs reach 1x1 maps,
+            # where repeating the edge is the natural reading.
+            mode = "replicate"
+        if mode == "circular" and max(before, after) > size:
             raise ValueError(f"circular padding {max(before, after)} exceeds the side {size}")
 
         def take(start, stop):
@@ -49,20 +56,21 @@ class Pad2D(keras.layers.Layer):
 
         parts = []
         if before:
-            parts.append(self._edge(take, x, axis, before, leading=True))
+            parts.append(self._edge(take, x, axis, before, mode, leading=True))
         parts.append(x)
         if after:
-            parts.append(self._edge(take, x, axis, after, leading=False))
+            parts.append(self._edge(take, x, axis, after, mode, leading=False))
         return ops.concatenate(parts, axis=axis)
 
-    def _edge(self, take, x, axis: int, width: int, *, leading: bool):
-        if self.mode == "zeros":
+    @staticmethod
+    def _edge(take, x, axis: int, width: int, mode: str, *, leading: bool):
+        if mode == "zeros":
             shape = list(ops.shape(x))
             shape[axis] = width
             return ops.zeros(shape, dtype=x.dtype)
-        if self.mode == "replicate":
+        if mode == "replicate":
             return ops.repeat(take(0, 1) if leading else take(-1, None), width, axis=axis)
-        if self.mode == "circular":
+        if mode == "circular":
             return take(-width, None) if leading else take(0, width)
         # reflect: mirror without repeating the edge row, like np.pad(mode="reflect")
         return ops.flip(take(1, width + 1) if leading else take(-width - 1, -1), axis=axis)
@@ -79,3 +87,31 @@ class Pad2D(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "padding": self.padding, "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learnable embedding to each position of (batch, tokens, dim) inputs (ViT).
+
+    The number of tokens and the width come from the input shape when built.
+    """
+
+    def __init__(self, stddev: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.stddev = stddev
+
+    def build(self, input_shape):
+        self.embedding = self.add_weight(
+            name="embedding",
+            shape=(1, *input_shape[1:]),
+            initializer=keras.initializers.TruncatedNormal(stddev=self.stddev),
+        )
+
+    def call(self, x):
+        return x + ops.cast(self.embedding, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "stddev": self.stddev}

@@ -97,8 +97,8 @@ def check_buildable(
     if not spec.hand_written and not choices.is_default():
         changed = [k for k, v in vars(choices).items() if getattr(DEFAULT_CHOICES, k) != v]
         raise ConfigError(
-            f"model.{changed[0]} applies to hand-written architectures only; {name} comes "
-            "from keras.applications with its own operators (leave it at its default)"
+            f"model.{changed[0]} applies to hand-written CNN families only; {name} has fixed "
+            "operators (keras.applications or ViT): leave it at its default"
         )
 
 
