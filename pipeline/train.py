@@ -273,11 +273,11 @@ def run(
         model = result.model
         summary = model_summary(model)
         tracking.log_text(summary, "model_summary.txt")
-        card = model_card(model)
+        figures = model_card(model)
         tracking.log_params(
-            {"precision_policy": result.policy} | {f"model.{k}": card[k] for k in CARD_PARAMS}
+            {"precision_policy": result.policy} | {f"model.{k}": figures[k] for k in CARD_PARAMS}
         )
-        tracking.log_dict(card, "model_card.json")
+        tracking.log_dict(figures, "model_card.json")
         tracking.log_metrics(
             {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
         )
