@@ -19,16 +19,6 @@ from pipeline.errors import PipelineError
 
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
-# Model card figures logged as `model.<key>` params (the whole card is an artifact too).
-CARD_PARAMS = (
-    "params",
-    "trainable_params",
-    "non_trainable_params",
-    "macs",
-    "depth",
-    "receptive_field",
-    "output_stride",
-)
 # Normalization layers and biases are not decayed (the usual practice since AdamW).
 NO_DECAY = ["gamma", "beta", "bias"]
 
@@ -275,7 +265,8 @@ def run(
         tracking.log_text(summary, "model_summary.txt")
         figures = model_card(model)
         tracking.log_params(
-            {"precision_policy": result.policy} | {f"model.{k}": figures[k] for k in CARD_PARAMS}
+            {"precision_policy": result.policy}
+            | {f"model.{k}": v for k, v in figures.items() if isinstance(v, int)}
         )
         tracking.log_dict(figures, "model_card.json")
         tracking.log_metrics(
