@@ -38,10 +38,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         config.load("model", args.params, params),
         config.load("train", args.params, params),
         config.load("mlflow", args.params, params),
+        augment_cfg=config.load("augment", args.params, params),
     )
     print(
         f"train: {result.seconds:.1f}s, {result.images_per_second:.0f} images/s, "
-        f"policy {result.policy}"
+        f"policy {result.policy}" + (", stopped early" if result.stopped_early else "")
     )
 
 

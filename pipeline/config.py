@@ -91,6 +91,9 @@ class ModelConfig:
     padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
     downsample: Literal["max", "avg", "strided"] = "max"
     head: Literal["default", "gap", "flatten", "max_avg"] = "default"
+    # stochastic depth rate of the deepest residual block, rising linearly from 0
+    # (resnet*, resnext*, vit*, convnext_tiny, efficientnet*)
+    drop_path: float = _num(0.0, ge=0, lt=1)
 
     def __post_init__(self) -> None:
         from pipeline.models.registry import check_buildable, list_models
@@ -98,7 +101,7 @@ class ModelConfig:
         names = list_models()
         if self.arch not in names:
             raise ConfigError(f"model.arch {self.arch!r} is unknown; allowed: {', '.join(names)}")
-        check_buildable(self.arch, (1 << 30, 1 << 30, 3), self.layer_choices())
+        check_buildable(self.arch, (1 << 30, 1 << 30, 3), self.layer_choices(), self.drop_path)
 
     def layer_choices(self):
         """The operator choices as the model builders take them."""
@@ -117,26 +120,94 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer, schedule, precision and length of training."""
+    """Optimizer, schedule, regularization, transfer learning and length of training."""
 
     epochs: int = _num(30, ge=1)
     batch_size: int = _num(64, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
     learning_rate: float = _num(0.003, gt=0, le=10)
-    momentum: float = _num(0.9, ge=0, lt=1)
-    nesterov: bool = True
+    momentum: float = _num(0.9, ge=0, lt=1)  # sgd and rmsprop
+    nesterov: bool = True  # sgd
+    # decoupled (applied to the weights, not the gradient); not to norm layers and biases
     weight_decay: float = _num(0.0005, ge=0)
-    warmup_epochs: int = _num(2, ge=0)
+    # Learning rate per step (pipeline.optim): constant | step (x gamma every step_epochs) |
+    # multistep (x gamma at each milestone epoch) | cosine | warmup_cosine | onecycle
+    schedule: Literal["constant", "step", "multistep", "cosine", "warmup_cosine", "onecycle"] = (
+        "warmup_cosine"
+    )
+    warmup_epochs: int = _num(2, ge=0)  # warmup_cosine
+    step_epochs: int = _num(10, ge=1)  # step
+    milestones: tuple[int, ...] = (15, 25)  # multistep
+    gamma: float = _num(0.1, gt=0, le=1)  # step, multistep
+    onecycle_pct_start: float = _num(0.3, gt=0, lt=1)  # share of steps spent rising
+    onecycle_div_factor: float = _num(25.0, ge=1)  # start at learning_rate / this
+    onecycle_final_div_factor: float = _num(1e4, ge=1)  # end at start / this
+    clip_norm: float = _num(0.0, ge=0)  # global gradient norm clip; 0 = off
+    ema_momentum: float = _num(0.0, ge=0, lt=1)  # EMA of weights, e.g. 0.999; 0 = off
+    label_smoothing: float = _num(0.0, ge=0, lt=1)
+    l1: float = _num(0.0, ge=0)  # kernel penalties of every conv and dense layer
+    l2: float = _num(0.0, ge=0)
+    max_norm: float = _num(0.0, ge=0)  # max-norm constraint on kernels; 0 = off
+    early_stopping_patience: int = _num(0, ge=0)  # epochs without improvement; 0 = off
+    early_stopping_monitor: Literal["val_loss", "val_accuracy", "val_top5"] = "val_loss"
+    early_stopping_restore_best: bool = True
+    # Transfer learning (pipeline.transfer): start from a registered model
+    # (models:/NAME@ALIAS or models:/NAME/VERSION), an MLflow run (runs:/ID/model) or a
+    # .keras file; layers are matched by name and shape, a head of another class count
+    # is trained from scratch.
+    init_from: str = ""
+    # full: train everything | frozen: head only (feature extraction) |
+    # progressive: head first, then one more group of backbone layers every unfreeze_every epochs
+    finetune: Literal["full", "frozen", "progressive"] = "full"
+    unfreeze_every: int = _num(1, ge=1)
+    unfreeze_groups: int = _num(4, ge=1)
+    backbone_lr_scale: float = _num(1.0, gt=0, le=1)  # backbone lr = head lr x this
+    loader_workers: int = _num(1, ge=1, le=64)  # threads cutting and augmenting batches
     # auto: mixed_bfloat16 on GPUs of compute capability >= 8, float32 elsewhere
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.warmup_epochs >= self.epochs:
+        if self.schedule == "warmup_cosine" and self.warmup_epochs >= self.epochs:
             raise ConfigError(
                 f"train.warmup_epochs ({self.warmup_epochs}) must be less than "
                 f"train.epochs ({self.epochs})"
             )
+        if self.schedule == "multistep" and (
+            not self.milestones or list(self.milestones) != sorted(set(self.milestones))
+        ):
+            raise ConfigError(
+                f"train.milestones must be increasing epochs, got {list(self.milestones)}"
+            )
+        if any(m < 1 for m in self.milestones):
+            raise ConfigError(f"train.milestones must be >= 1, got {list(self.milestones)}")
+        if self.finetune != "full" and not self.init_from:
+            raise ConfigError(
+                f"train.finetune: {self.finetune} needs train.init_from (a model to start from)"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (pipeline.augment); everything off by default."""
+
+    flip: bool = False  # random horizontal flip
+    crop_padding: int = _num(0, ge=0)  # pad by this many pixels (reflect), random crop back
+    translate: float = _num(0.0, ge=0, le=1)  # fraction of height/width
+    rotate: float = _num(0.0, ge=0, le=180)  # degrees, either way
+    zoom: float = _num(0.0, ge=0, lt=1)  # fraction in or out
+    color_jitter: float = _num(0.0, ge=0, le=1)  # brightness/contrast/saturation strength (RGB)
+    randaugment_ops: int = _num(0, ge=0, le=10)  # RandAugment ops per image (RGB); 0 = off
+    randaugment_magnitude: float = _num(0.5, gt=0, le=1)
+    erasing: float = _num(0.0, ge=0, le=1)  # probability of random erasing per image
+    mixup_alpha: float = _num(0.0, ge=0)  # Beta(alpha, alpha) mixing weight; 0 = off
+    # CutMix: the Beta parameter is drawn from U(0, cutmix_alpha) (Keras's CutMix factor)
+    cutmix_alpha: float = _num(0.0, ge=0, le=1)
+    mix_prob: float = _num(1.0, ge=0, le=1)  # share of batches mixed (MixUp or CutMix, 50/50)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
 @dataclass(frozen=True)
@@ -176,6 +247,7 @@ SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "augment": AugmentConfig,
     "evaluate": EvaluateConfig,
     "mlflow": MlflowConfig,
     "register": RegisterConfig,
@@ -253,6 +325,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             shown = ", ".join(repr(a) for a in allowed)
             raise ConfigError(f"{key} must be one of {shown}, got {value!r}")
         return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(hint):
             if arg is type(None) and value is None:

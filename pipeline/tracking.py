@@ -298,3 +298,22 @@ def _version_metric(client, version, metric: str) -> float:
             f"{metric!r} (register.metric); evaluate it first"
         )
     return run.data.metrics[metric]
+
+
+def load_keras_model(model_uri: str):
+    """The Keras model behind `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/model`.
+
+    A ConfigError names `train.init_from` when the URI does not resolve.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import ConfigError
+
+    mlflow = _mlflow()
+    try:
+        return mlflow.keras.load_model(model_uri)
+    except MlflowException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"train.init_from {model_uri!r}: {first_line}") from None
+    except OSError as exc:
+        raise ConfigError(f"train.init_from {model_uri!r}: {exc.strerror or exc}") from None

@@ -13,14 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import MlflowConfig, ModelConfig, TrainConfig, flatten
+from pipeline.config import AugmentConfig, MlflowConfig, ModelConfig, TrainConfig, flatten
 from pipeline.data.layout import CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 from pipeline.errors import PipelineError
 
+NO_AUGMENT = AugmentConfig()
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
-# Normalization layers and biases are not decayed (the usual practice since AdamW).
-NO_DECAY = ["gamma", "beta", "bias"]
 
 
 @dataclass
@@ -30,6 +29,9 @@ class TrainResult:
     policy: str
     seconds: float
     images_per_second: float
+    # transfer learning: layers initialized from train.init_from
+    transferred_layers: int = 0
+    stopped_early: bool = False
 
 
 def check_batch_size(cfg: TrainConfig, train_images: int) -> None:
@@ -38,31 +40,6 @@ def check_batch_size(cfg: TrainConfig, train_images: int) -> None:
             f"train.batch_size ({cfg.batch_size}) is larger than the training split "
             f"({train_images} images); lower it in params.yaml"
         )
-
-
-def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
-    """SGD (momentum, Nesterov) or AdamW with decoupled weight decay; warmup then cosine."""
-    import keras
-
-    total = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else cfg.learning_rate,
-        decay_steps=max(1, total - warmup),
-        warmup_target=cfg.learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
-    if cfg.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(
-            schedule,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay or None,
-        )
-    else:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
-    return optimizer
 
 
 def standard_logs_callback():
@@ -91,59 +68,91 @@ def fit_model(
     prepared_dir: Path,
     card: dict,
     *,
+    augment_cfg: AugmentConfig = NO_AUGMENT,
     checkpoint_dir: Path = CHECKPOINT_DIR,
     extra_callbacks=(),
 ) -> TrainResult:
-    """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`."""
+    """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`.
+
+    Training runs in phases (one unless `cfg.finetune` is progressive), each a
+    `fit` over its epochs with its own trainable layers; a phase that finished
+    leaves its weights in `checkpoint_dir`, the running one a per-epoch backup.
+    """
     import keras
 
+    from pipeline import transfer
+    from pipeline.augment import BatchAugmenter, check_augment, is_identity
     from pipeline.backend import set_precision
     from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
     from pipeline.models.registry import build_model
+    from pipeline.regularize import add_kernel_regularization
 
+    image_shape = tuple(card["image_shape"])
+    check_augment(augment_cfg, image_shape)
+    source = transfer.load_source(cfg.init_from) if cfg.init_from else None
     keras.utils.set_random_seed(cfg.seed)
     policy = set_precision(cfg.precision)
     train_x, train_y = load_split(prepared_dir, "train")
     val_x, val_y = load_split(prepared_dir, "val")
     check_batch_size(cfg, len(train_y))
-    train_batches = ArrayBatches(train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val_batches = ArrayBatches(val_x, val_y, cfg.batch_size) if len(val_y) else None
-
     num_classes = card["num_classes"]
+    augment = (
+        None if is_identity(augment_cfg) else BatchAugmenter(augment_cfg, image_shape, cfg.seed)
+    )
+    loader = {"num_classes": num_classes, "workers": cfg.loader_workers}
+    train_batches = ArrayBatches(
+        train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **loader
+    )
+    val_batches = ArrayBatches(val_x, val_y, cfg.batch_size, **loader) if len(val_y) else None
+
     model = build_model(
         model_cfg.arch,
-        tuple(card["image_shape"]),
+        image_shape,
         num_classes,
         dropout=model_cfg.dropout,
         width_multiplier=model_cfg.width_multiplier,
         small_input=model_cfg.small_input,
+        choices=model_cfg.layer_choices(),
+        drop_path=model_cfg.drop_path,
     )
-    model.compile(
-        optimizer=build_optimizer(cfg, len(train_batches)),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-        ],
-    )
-    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card)
+    transferred = transfer.copy_matching_weights(source, model) if source is not None else None
+    add_kernel_regularization(model, l1=cfg.l1, l2=cfg.l2, max_norm=cfg.max_norm)
+
+    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
     history_csv = checkpoint_dir / HISTORY_FILE
-    callbacks = [
-        EpochOrder(train_batches),
-        standard_logs_callback(),
-        # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes from it.
-        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")),
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
-        *extra_callbacks,
-    ]
+    steps = len(train_batches)
+    stopped_early = False
+    epochs_run = 0
     started = time.perf_counter()
-    fitted = model.fit(
-        train_batches,
-        validation_data=val_batches,
-        epochs=cfg.epochs,
-        callbacks=callbacks,
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
+    for index, phase in enumerate(transfer.phases(cfg)):
+        done = checkpoint_dir / f"phase{index}.weights.h5"
+        if done.exists():  # finished before an interruption
+            model.load_weights(done)
+            continue
+        transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
+        compile_for_phase(model, cfg, steps, num_classes, phase.start)
+        callbacks = [
+            EpochOrder(train_batches),
+            standard_logs_callback(),
+            # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
+            keras.callbacks.BackupAndRestore(str(checkpoint_dir / f"backup_phase{index}")),
+            keras.callbacks.CSVLogger(str(history_csv), append=True),
+            *early_stopping(cfg),
+            *extra_callbacks,
+        ]
+        fitted = model.fit(
+            train_batches,
+            validation_data=val_batches,
+            initial_epoch=phase.start,
+            epochs=phase.end,
+            callbacks=callbacks,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        epochs_run += len(fitted.epoch)
+        model.save_weights(done)
+        if model.stop_training:
+            stopped_early = True
+            break
     seconds = time.perf_counter() - started
     return TrainResult(
         model=model,
@@ -151,12 +160,72 @@ def fit_model(
         policy=policy,
         seconds=seconds,
         # epochs run by this process: fewer than cfg.epochs when resumed
-        images_per_second=len(fitted.epoch) * len(train_y) / seconds,
+        images_per_second=epochs_run * len(train_y) / seconds if epochs_run else 0.0,
+        transferred_layers=len(transferred.copied) if transferred else 0,
+        stopped_early=stopped_early,
     )
 
 
+def compile_for_phase(model, cfg: TrainConfig, steps: int, num_classes: int, start_epoch: int):
+    """Compile with a fresh optimizer whose schedule continues at `start_epoch`."""
+    import keras
+
+    from pipeline.optim import build_optimizer
+    from pipeline.transfer import backbone_variable_paths
+
+    optimizer = build_optimizer(
+        cfg,
+        steps,
+        lr_scaled=backbone_variable_paths(model) if cfg.init_from else (),
+        lr_scale=cfg.backbone_lr_scale,
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ],
+    )
+    if start_epoch:
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(start_epoch * steps)
+
+
+def early_stopping(cfg: TrainConfig) -> list:
+    import keras
+
+    if not cfg.early_stopping_patience:
+        return []
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor=cfg.early_stopping_monitor,
+            mode="min" if cfg.early_stopping_monitor == "val_loss" else "max",
+            patience=cfg.early_stopping_patience,
+            restore_best_weights=cfg.early_stopping_restore_best,
+        )
+    ]
+
+
+def inference_copy(model):
+    """`model` without its optimizer and compile config: what is saved and served.
+
+    Smaller (no optimizer slots) and loadable anywhere: the training optimizer
+    may be a class of this package (differential learning rates).
+    """
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def reset_stale_checkpoint(
-    checkpoint_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, card: dict
+    checkpoint_dir: Path,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    card: dict,
+    augment_cfg: AugmentConfig,
 ) -> None:
     """Keep `checkpoint_dir` only if it was made by this exact config and data.
 
@@ -169,6 +238,7 @@ def reset_stale_checkpoint(
         {
             "model": flatten(model_cfg, "model"),
             "train": flatten(cfg, "train"),
+            "augment": flatten(augment_cfg, "augment"),
             "data": card["data_hash"],
         },
         sort_keys=True,
@@ -215,6 +285,7 @@ def run(
     cfg: TrainConfig,
     mlflow_cfg: MlflowConfig,
     *,
+    augment_cfg: AugmentConfig = NO_AUGMENT,
     prepared_dir: Path = PREPARED_DIR,
     out_dir: Path = MODEL_DIR,
     plots_dir: Path = PLOTS_DIR,
@@ -224,6 +295,7 @@ def run(
     import keras
 
     from pipeline import tracking
+    from pipeline.augment import check_augment
     from pipeline.data.atomic import atomic_dir
     from pipeline.data.prepare import read_card
     from pipeline.models.card import model_card
@@ -232,10 +304,13 @@ def run(
     card = read_card(prepared_dir)
     # Bad input fails here, before an MLflow run or a file is created.
     check_batch_size(cfg, card["totals"]["train"])
-    check_buildable(model_cfg.arch, tuple(card["image_shape"]), model_cfg.layer_choices())
+    image_shape = tuple(card["image_shape"])
+    check_buildable(model_cfg.arch, image_shape, model_cfg.layer_choices(), model_cfg.drop_path)
+    check_augment(augment_cfg, image_shape)
     params = {
         **flatten(model_cfg, "model"),
         **flatten(cfg, "train"),
+        **flatten(augment_cfg, "augment"),
         "data.source": card["source"]["source"],
         "data.url": card["source"].get("url", ""),
         "data.image_shape": "x".join(map(str, card["image_shape"])),
@@ -257,17 +332,19 @@ def run(
             cfg,
             prepared_dir,
             card,
+            augment_cfg=augment_cfg,
             checkpoint_dir=checkpoint_dir,
             extra_callbacks=[tracking.epoch_logger()],
         )
-        model = result.model
+        model = inference_copy(result.model)
         summary = model_summary(model)
         tracking.log_text(summary, "model_summary.txt")
         figures = model_card(model)
         tracking.log_params(
-            {"precision_policy": result.policy}
+            {"precision_policy": result.policy, "transferred_layers": result.transferred_layers}
             | {f"model.{k}": v for k, v in figures.items() if isinstance(v, int)}
         )
+        tracking.set_tags({"stopped_early": str(result.stopped_early)})
         tracking.log_dict(figures, "model_card.json")
         tracking.log_metrics(
             {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}

@@ -36,7 +36,13 @@ def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ArrayBatches(keras.utils.PyDataset):
-    """(float32 images, int32 labels) batches; shuffled per epoch when `shuffle`."""
+    """(float32 images, labels) batches; shuffled per epoch when `shuffle`.
+
+    Labels are int32 class ids, or float32 one-hot rows when `num_classes` is
+    given (what label smoothing, MixUp and CutMix need). `augment`, a
+    `pipeline.augment.BatchAugmenter`, is applied to each batch;
+    `workers` > 1 cuts and augments batches in that many threads.
+    """
 
     def __init__(
         self,
@@ -46,11 +52,14 @@ class ArrayBatches(keras.utils.PyDataset):
         *,
         shuffle: bool = False,
         seed: int = 0,
+        num_classes: int | None = None,
+        augment=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_classes, self.augment = num_classes, augment
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -66,7 +75,12 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         picked = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
-        return self.images[picked].astype(np.float32), self.labels[picked]
+        images, labels = self.images[picked].astype(np.float32), self.labels[picked]
+        if self.num_classes is not None:
+            labels = np.eye(self.num_classes, dtype=np.float32)[labels]
+        if self.augment is not None:
+            images, labels = self.augment(images, labels, self.epoch, index)
+        return images, labels
 
 
 class EpochOrder(keras.callbacks.Callback):

@@ -115,3 +115,33 @@ class PositionEmbedding(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "stddev": self.stddev}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class StochasticDepth(keras.layers.Layer):
+    """Drop a residual branch for whole samples (Huang et al., 2016; timm's DropPath).
+
+    In training each sample's branch is zeroed with probability `rate` and the
+    survivors scaled by 1 / (1 - rate); at inference it is the identity.
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= rate < 1:
+            raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+        self.rate, self.seed = float(rate), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        kept = keras.random.uniform(shape, seed=self.seed_generator) < keep
+        return x * ops.cast(kept, x.dtype) / ops.cast(keep, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}

@@ -5,6 +5,8 @@ one signature, so train, bench and the model card can build any of them:
 
     builder(input_shape, num_classes, *, dropout, width_multiplier, small_input, choices)
         -> keras.Model taking raw 0..255 pixels and returning float32 probabilities
+
+Builders registered with `drop_path=True` also take `drop_path` (stochastic depth).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ModelSpec:
     hand_written: bool = True
     # the input side of its published (ImageNet) configuration, for the model card
     imagenet_size: int = 224
+    # residual blocks that take stochastic depth (the builder has a `drop_path` argument)
+    drop_path: bool = False
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -53,13 +57,14 @@ def register_model(
     min_size: int = 8,
     hand_written: bool = True,
     imagenet_size: int = 224,
+    drop_path: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: make `fn` buildable as `name`."""
 
     def decorate(fn: Callable) -> Callable:
         if name in _SPECS:
             raise ValueError(f"model {name!r} registered twice")
-        _SPECS[name] = ModelSpec(name, fn, family, min_size, hand_written, imagenet_size)
+        _SPECS[name] = ModelSpec(name, fn, family, min_size, hand_written, imagenet_size, drop_path)
         return fn
 
     return decorate
@@ -84,7 +89,10 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def check_buildable(
-    name: str, input_shape: tuple[int, int, int], choices: LayerChoices = DEFAULT_CHOICES
+    name: str,
+    input_shape: tuple[int, int, int],
+    choices: LayerChoices = DEFAULT_CHOICES,
+    drop_path: float = 0.0,
 ) -> None:
     """Raise ConfigError (one line, naming the key) if `name` cannot be built as asked."""
     spec = get_spec(name)
@@ -100,6 +108,12 @@ def check_buildable(
             f"model.{changed[0]} applies to hand-written CNN families only; {name} has fixed "
             "operators (keras.applications or ViT): leave it at its default"
         )
+    if drop_path and not spec.drop_path:
+        with_it = ", ".join(n for n in sorted(_SPECS) if _SPECS[n].drop_path)
+        raise ConfigError(
+            f"model.drop_path applies to architectures with residual blocks ({with_it}); "
+            f"{name} has none: set it to 0"
+        )
 
 
 def build_model(
@@ -111,14 +125,23 @@ def build_model(
     width_multiplier: float = 1.0,
     small_input: bool = True,
     choices: LayerChoices = DEFAULT_CHOICES,
+    drop_path: float = 0.0,
 ):
-    """Build architecture `name` for images of `input_shape` (H, W, C) and raw 0..255 pixels."""
-    check_buildable(name, input_shape, choices)
-    return get_spec(name).builder(
+    """Build architecture `name` for images of `input_shape` (H, W, C) and raw 0..255 pixels.
+
+    `drop_path`: stochastic depth rate of the deepest residual block (timm's
+    drop_path_rate), rising linearly from 0 at the first; families with
+    residual blocks only.
+    """
+    check_buildable(name, input_shape, choices, drop_path)
+    spec = get_spec(name)
+    extra = {"drop_path": drop_path} if spec.drop_path else {}
+    return spec.builder(
         tuple(input_shape),
         num_classes,
         dropout=dropout,
         width_multiplier=width_multiplier,
         small_input=small_input,
         choices=choices,
+        **extra,
     )

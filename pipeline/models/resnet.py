@@ -43,9 +43,21 @@ from pipeline.models.registry import register_model
 EXPANSION = 4
 
 
-def basic_block(x, filters: int, *, strides: int, name: str, choices: LayerChoices):
-    """Two 3x3 convs with an identity shortcut (1x1 projection when the shape changes)."""
+def residual_add(shortcut, branch, *, drop_rate: float, name: str):
+    """shortcut + branch, the branch dropped per sample at `drop_rate` (stochastic depth)."""
     from keras import layers
+
+    if drop_rate > 0:
+        from pipeline.models.layers import StochasticDepth
+
+        branch = StochasticDepth(drop_rate, name=f"{name}_drop_path")(branch)
+    return layers.Add(name=f"{name}_add")([shortcut, branch])
+
+
+def basic_block(
+    x, filters: int, *, strides: int, name: str, choices: LayerChoices, drop_rate: float = 0.0
+):
+    """Two 3x3 convs with an identity shortcut (1x1 projection when the shape changes)."""
 
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
@@ -54,7 +66,7 @@ def basic_block(x, filters: int, *, strides: int, name: str, choices: LayerChoic
         )
     x = conv_norm_act(x, filters, 3, strides=strides, name=f"{name}_1", choices=choices)
     x = conv_norm_act(x, filters, 3, act=False, name=f"{name}_2", choices=choices)
-    x = layers.Add(name=f"{name}_add")([shortcut, x])
+    x = residual_add(shortcut, x, drop_rate=drop_rate, name=name)
     return activation(x, choices, name=f"{name}_out")
 
 
@@ -72,9 +84,9 @@ def bottleneck_block(
     choices: LayerChoices,
     groups: int = 1,
     base_width: int = 64,
+    drop_rate: float = 0.0,
 ):
     """1x1 reduce, 3x3 (strided, grouped for ResNeXt), 1x1 expand to `planes * 4`; shortcut add."""
-    from keras import layers
 
     width = bottleneck_width(planes, groups=groups, base_width=base_width)
     filters = planes * EXPANSION
@@ -94,7 +106,7 @@ def bottleneck_block(
         groups=groups if groups > 1 else None,
     )
     x = conv_norm_act(x, filters, 1, act=False, name=f"{name}_3", choices=choices)
-    x = layers.Add(name=f"{name}_add")([shortcut, x])
+    x = residual_add(shortcut, x, drop_rate=drop_rate, name=name)
     return activation(x, choices, name=f"{name}_out")
 
 
@@ -121,11 +133,16 @@ def resnet(
     name,
     groups: int = 1,
     base_width: int = 64,
+    drop_path: float = 0.0,
 ):
-    """Stem, four stages (64, 128, 256, 512 planes; stride 2 from stage 2 on), pooled head."""
+    """Stem, four stages (64, 128, 256, 512 planes; stride 2 from stage 2 on), pooled head.
+
+    Block k of n drops its residual branch at rate drop_path * k / (n - 1).
+    """
     import keras
 
     inputs, x = image_input(input_shape)
+    drop_rates = iter(linear_rates(drop_path, sum(blocks_per_stage)))
     x = stem(x, scaled_width(64, width_multiplier), small_input=small_input, choices=choices)
     for stage, num_blocks in enumerate(blocks_per_stage):
         planes = scaled_width(64 * 2**stage, width_multiplier)
@@ -141,11 +158,26 @@ def resnet(
                     choices=choices,
                     groups=groups,
                     base_width=base_width,
+                    drop_rate=next(drop_rates),
                 )
             else:
-                x = basic_block(x, planes, strides=strides, name=block_name, choices=choices)
+                x = basic_block(
+                    x,
+                    planes,
+                    strides=strides,
+                    name=block_name,
+                    choices=choices,
+                    drop_rate=next(drop_rates),
+                )
     outputs = classifier_head(x, num_classes, dropout=dropout, head=resolve_head(choices))
     return keras.Model(inputs, outputs, name=name)
+
+
+def linear_rates(final: float, count: int) -> list[float]:
+    """timm's per-block stochastic depth: 0 at the first block, `final` at the last."""
+    if count < 2:
+        return [final] * count
+    return [final * k / (count - 1) for k in range(count)]
 
 
 def basic_resnet(input_shape, num_classes, blocks_per_stage, **options):
@@ -156,42 +188,42 @@ def bottleneck_resnet(input_shape, num_classes, blocks_per_stage, **options):
     return resnet(input_shape, num_classes, blocks_per_stage, bottleneck=True, **options)
 
 
-@register_model("resnet18", family="resnet")
+@register_model("resnet18", family="resnet", drop_path=True)
 def resnet18(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return basic_resnet(
         input_shape, num_classes, (2, 2, 2, 2), name="resnet18", choices=choices, **options
     )
 
 
-@register_model("resnet34", family="resnet")
+@register_model("resnet34", family="resnet", drop_path=True)
 def resnet34(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return basic_resnet(
         input_shape, num_classes, (3, 4, 6, 3), name="resnet34", choices=choices, **options
     )
 
 
-@register_model("resnet50", family="resnet")
+@register_model("resnet50", family="resnet", drop_path=True)
 def resnet50(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return bottleneck_resnet(
         input_shape, num_classes, (3, 4, 6, 3), name="resnet50", choices=choices, **options
     )
 
 
-@register_model("resnet101", family="resnet")
+@register_model("resnet101", family="resnet", drop_path=True)
 def resnet101(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return bottleneck_resnet(
         input_shape, num_classes, (3, 4, 23, 3), name="resnet101", choices=choices, **options
     )
 
 
-@register_model("resnet152", family="resnet")
+@register_model("resnet152", family="resnet", drop_path=True)
 def resnet152(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return bottleneck_resnet(
         input_shape, num_classes, (3, 8, 36, 3), name="resnet152", choices=choices, **options
     )
 
 
-@register_model("resnext50_32x4d", family="resnext")
+@register_model("resnext50_32x4d", family="resnext", drop_path=True)
 def resnext50_32x4d(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     """ResNet-50's layout with 32 groups of 4 channels (doubled per stage) in every 3x3 conv."""
     return bottleneck_resnet(

@@ -42,19 +42,29 @@ def patch_embedding(x, dim: int, patch: int):
     return PositionEmbedding(name="stem_position")(x)
 
 
-def transformer_block(x, *, heads: int, mlp_dim: int, name: str):
-    """Pre-norm block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+def transformer_block(x, *, heads: int, mlp_dim: int, name: str, drop_rate: float = 0.0):
+    """Pre-norm block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU MLP.
+
+    `drop_rate`: stochastic depth of both residual branches.
+    """
     from keras import layers
+
+    from pipeline.models.layers import StochasticDepth
+
+    def drop(y, suffix: str):
+        if drop_rate == 0:
+            return y
+        return StochasticDepth(drop_rate, name=f"{name}_drop_path{suffix}")(y)
 
     dim = x.shape[-1]
     y = layers.LayerNormalization(epsilon=LN_EPSILON, name=f"{name}_norm1")(x)
     y = layers.MultiHeadAttention(heads, key_dim=dim // heads, name=f"{name}_attn")(y, y)
-    x = layers.Add(name=f"{name}_add1")([x, y])
+    x = layers.Add(name=f"{name}_add1")([x, drop(y, "1")])
     y = layers.LayerNormalization(epsilon=LN_EPSILON, name=f"{name}_norm2")(x)
     y = layers.Dense(mlp_dim, name=f"{name}_mlp_fc1")(y)
     y = layers.Activation("gelu", name=f"{name}_mlp_gelu")(y)
     y = layers.Dense(dim, name=f"{name}_mlp_fc2")(y)
-    return layers.Add(name=f"{name}_add2")([x, y])
+    return layers.Add(name=f"{name}_add2")([x, drop(y, "2")])
 
 
 def token_head(x, grid: tuple[int, int], num_classes: int, *, dropout: float):
@@ -79,10 +89,12 @@ def vision_transformer(
     width_multiplier: float,
     small_input: bool,
     name: str,
+    drop_path: float = 0.0,
 ):
     import keras
 
     from pipeline.models.blocks import image_input
+    from pipeline.models.resnet import linear_rates
 
     patch = 4 if small_input else 16
     height, width = input_shape[:2]
@@ -95,14 +107,16 @@ def vision_transformer(
     dim = heads * scaled_width(HEAD_DIM, width_multiplier)
     inputs, x = image_input(input_shape)
     x = patch_embedding(x, dim, patch)
-    for block in range(1, depth + 1):
-        x = transformer_block(x, heads=heads, mlp_dim=MLP_RATIO * dim, name=f"block{block}")
+    for block, rate in enumerate(linear_rates(drop_path, depth), start=1):
+        x = transformer_block(
+            x, heads=heads, mlp_dim=MLP_RATIO * dim, name=f"block{block}", drop_rate=rate
+        )
     grid = (height // patch, width // patch)
     outputs = token_head(x, grid, num_classes, dropout=dropout)
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("vit_tiny", family="vit", min_size=4, hand_written=False)
+@register_model("vit_tiny", family="vit", min_size=4, hand_written=False, drop_path=True)
 def vit_tiny(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     """DeiT-Tiny: width 192 (3 heads of 64), depth 12, MLP 768."""
     return vision_transformer(
@@ -110,7 +124,7 @@ def vit_tiny(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     )
 
 
-@register_model("vit_small", family="vit", min_size=4, hand_written=False)
+@register_model("vit_small", family="vit", min_size=4, hand_written=False, drop_path=True)
 def vit_small(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     """DeiT-Small: width 384 (6 heads of 64), depth 12, MLP 1536."""
     return vision_transformer(

@@ -1,0 +1,143 @@
+"""Training-time augmentation of whole batches, in the input pipeline, on any backend.
+
+Augmentations run on batches as the loader cuts them (`ArrayBatches`), not
+inside the model: MixUp and CutMix change the labels too, the saved model
+stays the plain inference graph, and the loader's threads run them beside
+the training step. The layers are Keras 3 core layers (TensorFlow, JAX and
+torch backends alike), with two exceptions written here:
+
+- pad-and-random-crop, because Keras's RandomCrop takes one offset for the
+  whole batch, where the CIFAR recipe needs one per image;
+- the choice per batch between MixUp and CutMix and its probability (timm's
+  `mix_prob` and 50/50 switch), which Keras leaves to the caller.
+
+Every batch's randomness is a function of (seed, epoch, batch index) alone: a
+resumed run and any number of loader threads see the same augmented batches.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from pipeline.config import AugmentConfig
+from pipeline.errors import ConfigError
+
+MAX_SEED = 2**31 - 1
+
+
+def check_augment(cfg: AugmentConfig, image_shape: tuple[int, int, int]) -> None:
+    """Refuse colour augmentations on grayscale data (one line naming the key)."""
+    if image_shape[-1] == 3:
+        return
+    for key in ("color_jitter", "randaugment_ops"):
+        if getattr(cfg, key):
+            raise ConfigError(
+                f"augment.{key} needs RGB images; set prepare.channels: 3 or augment.{key}: 0"
+            )
+
+
+def is_identity(cfg: AugmentConfig) -> bool:
+    """True when `cfg` changes nothing (the loader then skips augmentation)."""
+    per_image = (cfg.flip, cfg.crop_padding, cfg.translate, cfg.rotate, cfg.zoom)
+    colour = (cfg.color_jitter, cfg.randaugment_ops, cfg.erasing)
+    return not (any(per_image) or any(colour) or cfg.mixes)
+
+
+class BatchAugmenter:
+    """`augment(images, onehot_labels, epoch, index)` -> augmented float32 batch and labels."""
+
+    def __init__(self, cfg: AugmentConfig, image_shape: tuple[int, int, int], seed: int):
+        check_augment(cfg, image_shape)
+        self.cfg, self.image_shape, self.seed = cfg, image_shape, seed
+        self._local = threading.local()  # Keras layers hold random state: one set per thread
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, epoch: int, index: int):
+        rng = np.random.default_rng([self.seed, epoch, index])
+        cfg = self.cfg
+        images = images.astype(np.float32, copy=False)
+        labels = labels.astype(np.float32, copy=False)
+        if cfg.crop_padding:
+            images = pad_and_random_crop(images, cfg.crop_padding, rng)
+        layers = self._layers()
+        if layers["per_image"] is not None:
+            _reseed(layers["per_image"], rng)
+            images = _to_numpy(layers["per_image"](images, training=True))
+        if cfg.mixes and rng.random() < cfg.mix_prob:
+            mixers = [layers[k] for k in ("mixup", "cutmix") if layers[k] is not None]
+            mixer = mixers[int(rng.integers(len(mixers)))]
+            _reseed(mixer, rng)
+            mixed = mixer({"images": images, "labels": labels}, training=True)
+            images, labels = _to_numpy(mixed["images"]), _to_numpy(mixed["labels"])
+        return np.clip(images, 0, 255, out=images), labels.astype(np.float32)
+
+    def _layers(self) -> dict:
+        if not hasattr(self._local, "layers"):
+            self._local.layers = build_layers(self.cfg)
+        return self._local.layers
+
+
+def build_layers(cfg: AugmentConfig) -> dict:
+    """The Keras layers of `cfg`: a per-image Sequential (or None) and the two mixers."""
+    import keras
+    from keras import layers
+
+    per_image = []
+    if cfg.flip:
+        per_image.append(layers.RandomFlip("horizontal"))
+    if cfg.translate:
+        per_image.append(layers.RandomTranslation(cfg.translate, cfg.translate, "reflect"))
+    if cfg.rotate:
+        per_image.append(layers.RandomRotation(cfg.rotate / 360, fill_mode="reflect"))
+    if cfg.zoom:
+        per_image.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect"))
+    if cfg.color_jitter:
+        strength = cfg.color_jitter
+        per_image.append(
+            layers.RandomColorJitter(
+                value_range=(0, 255),
+                brightness_factor=strength,
+                contrast_factor=strength,
+                saturation_factor=(max(0.0, 0.5 - strength / 2), 0.5 + strength / 2),
+            )
+        )
+    if cfg.randaugment_ops:
+        per_image.append(
+            layers.RandAugment(
+                value_range=(0, 255),
+                num_ops=cfg.randaugment_ops,
+                factor=cfg.randaugment_magnitude,
+            )
+        )
+    if cfg.erasing:
+        per_image.append(layers.RandomErasing(factor=cfg.erasing, value_range=(0, 255)))
+    return {
+        "per_image": keras.Sequential(per_image) if per_image else None,
+        "mixup": layers.MixUp(alpha=cfg.mixup_alpha) if cfg.mixup_alpha > 0 else None,
+        "cutmix": layers.CutMix(factor=cfg.cutmix_alpha) if cfg.cutmix_alpha > 0 else None,
+    }
+
+
+def pad_and_random_crop(images: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
+    """Reflect-pad each image by `padding` and crop it back at its own random offset."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), "reflect")
+    dy = rng.integers(0, 2 * padding + 1, n)
+    dx = rng.integers(0, 2 * padding + 1, n)
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _reseed(layer, rng: np.random.Generator) -> None:
+    """Point every seed generator inside `layer` at a fresh state drawn from `rng`."""
+    for variable in layer.variables:
+        if "seed_generator_state" in variable.path:
+            variable.assign(np.array([rng.integers(MAX_SEED), 0], dtype=variable.dtype))
+
+
+def _to_numpy(x) -> np.ndarray:
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float32)
