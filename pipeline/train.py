@@ -42,6 +42,27 @@ def check_batch_size(cfg: TrainConfig, train_images: int) -> None:
         )
 
 
+def epoch_seeds_callback(seed: int):
+    """Reseed the model's random layers (dropout, stochastic depth) at each epoch's start.
+
+    Their seed generators advance with every step and are not part of the
+    checkpoint, so a resumed run would draw other dropout masks than an
+    uninterrupted one. Seeding each epoch from (seed, epoch) makes every epoch
+    the same however the run got there.
+    """
+    import keras
+    import numpy as np
+
+    class EpochSeeds(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            states = [v for v in self.model.variables if "seed_generator_state" in v.path]
+            draws = np.random.default_rng([seed, epoch, 1]).integers(2**31 - 1, size=len(states))
+            for variable, draw in zip(states, draws, strict=True):
+                variable.assign(np.array([draw, 0], dtype=variable.dtype))
+
+    return EpochSeeds()
+
+
 def standard_logs_callback():
     """Rename Keras's epoch logs to train_*/val_* and add the learning rate, in place.
 
@@ -129,13 +150,18 @@ def fit_model(
         if done.exists():  # finished before an interruption
             model.load_weights(done)
             continue
+        backup_dir = checkpoint_dir / f"backup_phase{index}"
+        # Keras peeks at batches before BackupAndRestore moves fit to the saved epoch:
+        # the loader must already be on that epoch's shuffle.
+        train_batches.set_epoch(max(phase.start, backed_up_epoch(backup_dir)))
         transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
         compile_for_phase(model, cfg, steps, num_classes, phase.start)
         callbacks = [
             EpochOrder(train_batches),
+            epoch_seeds_callback(cfg.seed),
             standard_logs_callback(),
             # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
-            keras.callbacks.BackupAndRestore(str(checkpoint_dir / f"backup_phase{index}")),
+            keras.callbacks.BackupAndRestore(str(backup_dir)),
             keras.callbacks.CSVLogger(str(history_csv), append=True),
             *early_stopping(cfg),
             *extra_callbacks,
@@ -164,6 +190,16 @@ def fit_model(
         transferred_layers=len(transferred.copied) if transferred else 0,
         stopped_early=stopped_early,
     )
+
+
+def backed_up_epoch(backup_dir: Path) -> int:
+    """The epoch a `keras.callbacks.BackupAndRestore` in `backup_dir` will resume at (0: none)."""
+    import json
+
+    metadata = backup_dir / "training_metadata.json"
+    if not metadata.exists():
+        return 0
+    return int(json.loads(metadata.read_text()).get("epoch", 0))
 
 
 def compile_for_phase(model, cfg: TrainConfig, steps: int, num_classes: int, start_epoch: int):
