@@ -82,8 +82,10 @@ def build_schedule(cfg: TrainConfig, steps_per_epoch: int):
             epochs = [m for m in cfg.milestones if m < cfg.epochs]
         if not epochs:
             return lr
+        # Keras keeps values[i] while step <= boundaries[i]: the first step of epoch e
+        # (step e * steps_per_epoch) must already have the new rate.
         return schedules.PiecewiseConstantDecay(
-            boundaries=[e * steps_per_epoch for e in epochs],
+            boundaries=[e * steps_per_epoch - 1 for e in epochs],
             values=[lr * cfg.gamma**i for i in range(len(epochs) + 1)],
         )
     if cfg.schedule == "onecycle":
@@ -150,16 +152,21 @@ def _with_lr_scale(cls):
             super().__init__(*args, **kwargs)
             self.lr_scaled, self.lr_scale = lr_scaled, lr_scale
 
+        def _scaled(self, variable) -> bool:
+            # Backends hand over their own variable objects: look up the Keras one.
+            index = self._get_variable_index(variable)
+            return self._trainable_variables[index].path in self.lr_scaled
+
         def update_step(self, gradient, variable, learning_rate):
-            if variable.path in self.lr_scaled:
+            if self._scaled(variable):
                 learning_rate = learning_rate * self.lr_scale
             return super().update_step(gradient, variable, learning_rate)
 
         def _apply_weight_decay(self, variables):
             if self.weight_decay is None:
                 return
-            scaled = [v for v in variables if v.path in self.lr_scaled]
-            others = [v for v in variables if v.path not in self.lr_scaled]
+            scaled = [v for v in variables if self._scaled(v)]
+            others = [v for v in variables if not self._scaled(v)]
             super()._apply_weight_decay(others)
             decay = self.weight_decay
             self.weight_decay = decay * self.lr_scale
