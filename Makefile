@@ -34,8 +34,9 @@ lint: $(VENV)/.installed-test
 	ruff check pipeline tests
 	ruff format --check pipeline tests
 
-# The whole suite on TensorFlow, then the zoo and operator tests again on JAX
+# The whole suite on TensorFlow, then the zoo, operator, augmentation and optimizer tests
+# again on JAX
 # (the GPU machines have JAX and no TensorFlow).
 test: lint
 	python -m pytest
-	KERAS_BACKEND=jax python -m pytest tests/test_zoo.py tests/test_layers.py
+	KERAS_BACKEND=jax python -m pytest tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py

@@ -92,7 +92,7 @@ class ModelConfig:
     downsample: Literal["max", "avg", "strided"] = "max"
     head: Literal["default", "gap", "flatten", "max_avg"] = "default"
     # stochastic depth rate of the deepest residual block, rising linearly from 0
-    # (resnet*, resnext*, vit*, convnext_tiny, efficientnet*)
+    # (resnet*, resnext*, vit*; keras.applications constructors do not expose it)
     drop_path: float = _num(0.0, ge=0, lt=1)
 
     def __post_init__(self) -> None:

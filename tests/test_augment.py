@@ -132,7 +132,7 @@ def test_each_augmentation_changes_images_in_range_reproducibly(cfg):
     images, labels = batch()
     out, out_labels = augment(cfg)
     assert out.shape == images.shape and out.dtype == np.float32
-    assert 0 <= out.min() and out.max() <= 255
+    assert out.min() >= 0 and out.max() <= 255
     assert not np.allclose(out, images)
     np.testing.assert_array_equal(out_labels, labels)  # per-image augmentations keep labels
     again, _ = augment(cfg)

@@ -68,8 +68,6 @@ class Adapter:
     head_hidden: int = 0
     # head: LayerNorm after pooling (ConvNeXt)
     head_norm: bool = False
-    # the constructor's stochastic depth argument, if it has one
-    drop_path_arg: str = ""
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -106,7 +104,6 @@ ADAPTERS: dict[str, Adapter] = {
             "efficientnet",
             imagenet_size=size,
             stride_one=("stem_conv", "block2a_dwconv"),
-            drop_path_arg="drop_connect_rate",
         )
         for k, size in enumerate((224, 240, 260, 300))
     },
@@ -117,7 +114,6 @@ ADAPTERS: dict[str, Adapter] = {
         preprocessing_flag=True,
         stride_one=("convnext_tiny_stem_conv",),
         head_norm=True,
-        drop_path_arg="drop_path_rate",
     ),
 }
 
@@ -244,14 +240,7 @@ class _Replay:
             config["projection_dim"] = scaled(config["projection_dim"])
 
 
-def backbone(
-    adapter: Adapter,
-    input_shape,
-    *,
-    width_multiplier: float,
-    small_input: bool,
-    drop_path: float = 0.0,
-):
+def backbone(adapter: Adapter, input_shape, *, width_multiplier: float, small_input: bool):
     """(inputs, feature map): the headless application on raw pixels, replayed (see above)."""
     import keras
 
@@ -261,9 +250,6 @@ def backbone(
         options["alpha"] = width_multiplier
     if adapter.preprocessing_flag:
         options["include_preprocessing"] = False
-    if adapter.drop_path_arg:
-        # Our knob, default 0, replaces Keras's default (EfficientNet's 0.2).
-        options[adapter.drop_path_arg] = drop_path
     app = getattr(keras.applications, adapter.constructor)(**options)
     replay = _Replay(app, adapter, small_input=small_input, width_multiplier=width_multiplier)
     # A fresh input for the replay (some applications' `input` is a list holding ours).
@@ -306,18 +292,13 @@ def build_application(
     width_multiplier: float,
     small_input: bool,
     choices=DEFAULT_CHOICES,
-    drop_path: float = 0.0,
 ):
     """Registered architecture `name` from keras.applications with our input and head."""
     import keras
 
     adapter = ADAPTERS[name]
     inputs, x = backbone(
-        adapter,
-        input_shape,
-        width_multiplier=width_multiplier,
-        small_input=small_input,
-        drop_path=drop_path,
+        adapter, input_shape, width_multiplier=width_multiplier, small_input=small_input
     )
     outputs = head(x, adapter, num_classes, dropout=dropout, width_multiplier=width_multiplier)
     return keras.Model(inputs, outputs, name=name)
@@ -335,7 +316,6 @@ def _register(name: str, adapter: Adapter) -> None:
         min_size=adapter.min_size,
         hand_written=False,
         imagenet_size=adapter.imagenet_size,
-        drop_path=bool(adapter.drop_path_arg),
     )(builder)
 
 
