@@ -75,6 +75,13 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(f"{args.params}: valid")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pipeline import compare
+
+    out = compare.run(args.experiment, args.out, log=not args.no_log)
+    print(f"compare: report in {out / 'report.md'}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     """Print the model card of each registered architecture (a table, or JSON)."""
     import json
@@ -114,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", help="version to promote (default: @challenger)")
     promote.add_argument("--force", action="store_true", help="promote even if worse")
     promote.set_defaults(func=cmd_promote)
+    compare = commands.add_parser(
+        "compare", help="report comparing an MLflow experiment's runs (markdown + PNG charts)"
+    )
+    compare.add_argument("--experiment", required=True, help="MLflow experiment name")
+    compare.add_argument("--out", type=Path, help="report folder (default: reports/EXPERIMENT)")
+    compare.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    compare.set_defaults(func=cmd_compare)
     models = commands.add_parser(
         "models", help="model card per architecture: params, MACs, depth, receptive field"
     )

@@ -222,6 +222,8 @@ class MlflowConfig:
     """Where runs are grouped. The store itself comes from MLFLOW_TRACKING_URI."""
 
     experiment: str = "cnn-pipeline"
+    # a label for the runs of one comparison grid, set as the run tag `grid`
+    grid: str = ""
 
     def __post_init__(self) -> None:
         if not self.experiment.strip():

@@ -24,7 +24,7 @@ MAX_TICK_LABELS = 60
 DPI = 100
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A Figure on the Agg canvas, outside pyplot's registry."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -34,7 +34,7 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save `fig` as PNG at `path` (parent created), then close it."""
     out = Path(path)
     try:
@@ -73,7 +73,7 @@ def confusion_matrix_png(
     np.divide(cm, row_sums, out=frac, where=row_sums != 0)
 
     side = min(max(4.0, 0.45 * n + 2.5), 24.0)
-    fig = _new_figure(side + 1.0, side)
+    fig = new_figure(side + 1.0, side)
     try:
         ax = fig.add_subplot()
         image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -110,7 +110,7 @@ def confusion_matrix_png(
     except BaseException:
         _close(fig)
         raise
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # Panels: (title, y label, [(legend label, accepted history keys in order of preference)]).
@@ -155,7 +155,7 @@ def training_curves_png(history: Mapping[str, Sequence[float]], path: str | os.P
 
     from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(4.5 * len(panels), 3.8)
+    fig = new_figure(4.5 * len(panels), 3.8)
     try:
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (title, ylabel, found) in zip(axes, panels, strict=True):
@@ -186,7 +186,7 @@ def training_curves_png(history: Mapping[str, Sequence[float]], path: str | os.P
     except BaseException:
         _close(fig)
         raise
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_png(
@@ -206,7 +206,7 @@ def per_class_png(
     x = np.arange(n)
     width = 0.4
 
-    fig = _new_figure(min(max(6.0, 0.5 * n + 2.0), 30.0), 4.5)
+    fig = new_figure(min(max(6.0, 0.5 * n + 2.0), 30.0), 4.5)
     try:
         ax = fig.add_subplot()
         ax.bar(x - width / 2, precision, width, label="precision")
@@ -228,7 +228,7 @@ def per_class_png(
     except BaseException:
         _close(fig)
         raise
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_csv(

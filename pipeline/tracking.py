@@ -317,3 +317,62 @@ def load_keras_model(model_uri: str):
         raise ConfigError(f"train.init_from {model_uri!r}: {first_line}") from None
     except OSError as exc:
         raise ConfigError(f"train.init_from {model_uri!r}: {exc.strerror or exc}") from None
+
+
+REPORT_TAG = "pipeline.report"
+
+
+def experiment_runs(experiment: str) -> list[dict[str, Any]]:
+    """Finished training runs of `experiment`, oldest first, with per-epoch val accuracy.
+
+    Each: run_id, name, params, metrics, tags, and `curves` {metric: [values by epoch]}.
+    Report runs (made by `compare`) are left out. A missing experiment is a ConfigError.
+    """
+    from pipeline.errors import ConfigError
+
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError(
+            f"--experiment {experiment!r}: no such MLflow experiment at {tracking_uri()}"
+        )
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    result = []
+    for run in runs:
+        if run.data.tags.get(REPORT_TAG):
+            continue
+        curves = {
+            key: [
+                m.value
+                for m in sorted(
+                    client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
+                )
+            ]
+            for key in ("train_accuracy", "val_accuracy", "train_loss", "val_loss")
+            if key in run.data.metrics
+        }
+        result.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "params": dict(run.data.params),
+                "metrics": dict(run.data.metrics),
+                "tags": dict(run.data.tags),
+                "curves": curves,
+            }
+        )
+    return result
+
+
+def log_report(experiment: str, report_dir: Path) -> str:
+    """Log a comparison report folder as a run of its own in `experiment`; return its id."""
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="compare") as run:
+        mlflow.set_tags({REPORT_TAG: "true", **source_tags()})
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        return run.info.run_id

@@ -359,6 +359,7 @@ def run(
         "architecture": model_cfg.arch,
         "data_hash": card["data_hash"],
         "data_source_sha256": card["source"].get("sha256", ""),
+        **({"grid": mlflow_cfg.grid} if mlflow_cfg.grid else {}),
     }
     with tracking.training_run(
         mlflow_cfg.experiment, run_name=model_cfg.arch, params=params, tags=tags
