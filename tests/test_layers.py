@@ -16,7 +16,7 @@ from pipeline.models.blocks import (
     downsample,
     norm,
 )
-from pipeline.models.layers import Pad2D
+from pipeline.models.layers import Pad2D, StochasticDepth
 
 NP_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -43,6 +43,18 @@ def test_padding_layer_survives_save_and_load(mode, tmp_path):
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x))
     )
+
+
+def test_stochastic_depth_survives_save_and_load(tmp_path):
+    inputs = keras.Input((3, 3, 2))
+    layer = StochasticDepth(0.3, seed=4, name="drop")
+    model = keras.Model(inputs, layer(inputs))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.get_layer("drop").get_config() == layer.get_config()
+    assert loaded.get_layer("drop").rate == 0.3 and loaded.get_layer("drop").seed == 4
+    x = np.ones((4, 3, 3, 2), np.float32)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), x)  # inference: identity
 
 
 def test_reflect_on_a_side_too_short_repeats_the_edge():

@@ -27,7 +27,6 @@ def config(**overrides) -> TrainConfig:
 
 def expected_lr(cfg: TrainConfig, step: int) -> float:
     """The schedules' formulas, written out independently of Keras."""
-    epoch = step / STEPS
     total = cfg.epochs * STEPS
     if cfg.schedule == "constant":
         return LR
@@ -48,7 +47,6 @@ def expected_lr(cfg: TrainConfig, step: int) -> float:
     peak = cfg.onecycle_pct_start * total - 1
     if step <= peak:
         return final_cos(initial, LR, step / peak)
-    del epoch
     return final_cos(LR, final, (step - peak) / (total - 1 - peak))
 
 

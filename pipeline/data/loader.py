@@ -59,7 +59,9 @@ class ArrayBatches(keras.utils.PyDataset):
         super().__init__(**kwargs)
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.num_classes, self.augment = num_classes, augment
+        self.augment = augment
+        # one-hot rows, looked up per batch
+        self.onehot = None if num_classes is None else np.eye(num_classes, dtype=np.float32)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -76,8 +78,8 @@ class ArrayBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         picked = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         images, labels = self.images[picked].astype(np.float32), self.labels[picked]
-        if self.num_classes is not None:
-            labels = np.eye(self.num_classes, dtype=np.float32)[labels]
+        if self.onehot is not None:
+            labels = self.onehot[labels]
         if self.augment is not None:
             images, labels = self.augment(images, labels, self.epoch, index)
         return images, labels

@@ -236,6 +236,22 @@ def classifier_head(x, num_classes: int, *, dropout: float, head: str = "gap"):
     return probabilities(x, num_classes)
 
 
+def stochastic_depth_rates(final: float, count: int) -> list[float]:
+    """timm's per-block stochastic depth: 0 at the first block, `final` at the last."""
+    if count < 2:
+        return [final] * count
+    return [final * k / (count - 1) for k in range(count)]
+
+
+def drop_branch(x, rate: float, name: str):
+    """`x` (a residual branch) dropped per sample at `rate` in training; identity at 0."""
+    if rate == 0:
+        return x
+    from pipeline.models.layers import StochasticDepth
+
+    return StochasticDepth(rate, name=name)(x)
+
+
 def probabilities(x, num_classes: int):
     """The last dense layer and a float32 softmax: every model's output."""
     from keras import layers

@@ -33,9 +33,11 @@ from pipeline.models.blocks import (
     activation,
     classifier_head,
     conv_norm_act,
+    drop_branch,
     image_input,
     resolve_head,
     scaled_width,
+    stochastic_depth_rates,
 )
 from pipeline.models.registry import register_model
 
@@ -47,10 +49,7 @@ def residual_add(shortcut, branch, *, drop_rate: float, name: str):
     """shortcut + branch, the branch dropped per sample at `drop_rate` (stochastic depth)."""
     from keras import layers
 
-    if drop_rate > 0:
-        from pipeline.models.layers import StochasticDepth
-
-        branch = StochasticDepth(drop_rate, name=f"{name}_drop_path")(branch)
+    branch = drop_branch(branch, drop_rate, name=f"{name}_drop_path")
     return layers.Add(name=f"{name}_add")([shortcut, branch])
 
 
@@ -142,7 +141,7 @@ def resnet(
     import keras
 
     inputs, x = image_input(input_shape)
-    drop_rates = iter(linear_rates(drop_path, sum(blocks_per_stage)))
+    drop_rates = iter(stochastic_depth_rates(drop_path, sum(blocks_per_stage)))
     x = stem(x, scaled_width(64, width_multiplier), small_input=small_input, choices=choices)
     for stage, num_blocks in enumerate(blocks_per_stage):
         planes = scaled_width(64 * 2**stage, width_multiplier)
@@ -171,13 +170,6 @@ def resnet(
                 )
     outputs = classifier_head(x, num_classes, dropout=dropout, head=resolve_head(choices))
     return keras.Model(inputs, outputs, name=name)
-
-
-def linear_rates(final: float, count: int) -> list[float]:
-    """timm's per-block stochastic depth: 0 at the first block, `final` at the last."""
-    if count < 2:
-        return [final] * count
-    return [final * k / (count - 1) for k in range(count)]
 
 
 def basic_resnet(input_shape, num_classes, blocks_per_stage, **options):

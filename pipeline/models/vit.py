@@ -23,7 +23,13 @@ TensorFlow; the custom `PositionEmbedding` layer lives in pipeline.models.layers
 from __future__ import annotations
 
 from pipeline.errors import ConfigError
-from pipeline.models.blocks import DEFAULT_CHOICES, probabilities, scaled_width
+from pipeline.models.blocks import (
+    DEFAULT_CHOICES,
+    drop_branch,
+    probabilities,
+    scaled_width,
+    stochastic_depth_rates,
+)
 from pipeline.models.registry import register_model
 
 HEAD_DIM = 64
@@ -49,22 +55,15 @@ def transformer_block(x, *, heads: int, mlp_dim: int, name: str, drop_rate: floa
     """
     from keras import layers
 
-    from pipeline.models.layers import StochasticDepth
-
-    def drop(y, suffix: str):
-        if drop_rate == 0:
-            return y
-        return StochasticDepth(drop_rate, name=f"{name}_drop_path{suffix}")(y)
-
     dim = x.shape[-1]
     y = layers.LayerNormalization(epsilon=LN_EPSILON, name=f"{name}_norm1")(x)
     y = layers.MultiHeadAttention(heads, key_dim=dim // heads, name=f"{name}_attn")(y, y)
-    x = layers.Add(name=f"{name}_add1")([x, drop(y, "1")])
+    x = layers.Add(name=f"{name}_add1")([x, drop_branch(y, drop_rate, f"{name}_drop_path1")])
     y = layers.LayerNormalization(epsilon=LN_EPSILON, name=f"{name}_norm2")(x)
     y = layers.Dense(mlp_dim, name=f"{name}_mlp_fc1")(y)
     y = layers.Activation("gelu", name=f"{name}_mlp_gelu")(y)
     y = layers.Dense(dim, name=f"{name}_mlp_fc2")(y)
-    return layers.Add(name=f"{name}_add2")([x, drop(y, "2")])
+    return layers.Add(name=f"{name}_add2")([x, drop_branch(y, drop_rate, f"{name}_drop_path2")])
 
 
 def token_head(x, grid: tuple[int, int], num_classes: int, *, dropout: float):
@@ -94,7 +93,6 @@ def vision_transformer(
     import keras
 
     from pipeline.models.blocks import image_input
-    from pipeline.models.resnet import linear_rates
 
     patch = 4 if small_input else 16
     height, width = input_shape[:2]
@@ -107,7 +105,7 @@ def vision_transformer(
     dim = heads * scaled_width(HEAD_DIM, width_multiplier)
     inputs, x = image_input(input_shape)
     x = patch_embedding(x, dim, patch)
-    for block, rate in enumerate(linear_rates(drop_path, depth), start=1):
+    for block, rate in enumerate(stochastic_depth_rates(drop_path, depth), start=1):
         x = transformer_block(
             x, heads=heads, mlp_dim=MLP_RATIO * dim, name=f"block{block}", drop_rate=rate
         )
