@@ -336,6 +336,7 @@ def run(
     from pipeline.data.prepare import read_card
     from pipeline.models.card import model_card
     from pipeline.models.registry import check_buildable
+    from pipeline.transfer import check_init_from
 
     card = read_card(prepared_dir)
     # Bad input fails here, before an MLflow run or a file is created.
@@ -343,6 +344,7 @@ def run(
     image_shape = tuple(card["image_shape"])
     check_buildable(model_cfg.arch, image_shape, model_cfg.layer_choices(), model_cfg.drop_path)
     check_augment(augment_cfg, image_shape)
+    check_init_from(cfg.init_from)
     params = {
         **flatten(model_cfg, "model"),
         **flatten(cfg, "train"),

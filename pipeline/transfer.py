@@ -25,19 +25,28 @@ HEAD_PREFIX = "head_"
 OUTPUT_LAYER = "probs"
 
 
+def is_mlflow_uri(init_from: str) -> bool:
+    return init_from.startswith(("models:/", "runs:/"))
+
+
+def check_init_from(init_from: str) -> None:
+    """Refuse a local `train.init_from` that does not exist (cheap: before any run starts)."""
+    if init_from and not is_mlflow_uri(init_from) and not Path(init_from).is_file():
+        raise ConfigError(f"train.init_from: {init_from} not found (a .keras file or models:/ URI)")
+
+
 def load_source(init_from: str):
     """The Keras model `train.init_from` names: an MLflow model URI or a .keras file."""
     import keras
 
     import pipeline.models.layers  # noqa: F401  (registers the zoo's custom layers)
 
-    if init_from.startswith(("models:/", "runs:/")):
+    if is_mlflow_uri(init_from):
         from pipeline import tracking
 
         return tracking.load_keras_model(init_from)
+    check_init_from(init_from)
     path = Path(init_from)
-    if not path.is_file():
-        raise ConfigError(f"train.init_from: {path} not found (a .keras file or models:/ URI)")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file

@@ -231,3 +231,21 @@ def test_bad_init_from_names_the_key(digits_prepared, tmp_path):
         fit(digits_prepared, tmp_path, cfg=replace(SHORT, init_from=str(tmp_path / "nope.keras")))
     with pytest.raises(ConfigError, match="train.finetune: frozen needs train.init_from"):
         TrainConfig(finetune="frozen")
+
+
+def test_train_stage_refuses_a_missing_init_from_before_any_run(digits_prepared, tmp_path):
+    import shutil
+
+    import yaml
+    from conftest import ROOT, run_cli
+
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["init_from"] = "missing.keras"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run_cli(["train"], tmp_path)
+    assert done.returncode == 2
+    assert "train.init_from: missing.keras not found" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no run was started
+    assert not (tmp_path / "data" / "model").exists()
