@@ -172,6 +172,9 @@ def fit_model(
             initial_epoch=phase.start,
             epochs=phase.end,
             callbacks=callbacks,
+            # The loader shuffles by (seed, epoch); Keras's own shuffle of batch order
+            # draws from Python's global `random`, which a resumed process cannot replay.
+            shuffle=False,
             verbose=1 if sys.stdout.isatty() else 2,
         )
         epochs_run += len(fitted.epoch)
