@@ -154,3 +154,81 @@ def classification_report(
         },
     }
     return report, cm
+
+
+class PixelConfusion:
+    """A confusion matrix of label maps, summed over batches; void pixels are never counted.
+
+    Segmentation scores of a split come from one matrix over all its pixels, not
+    from a mean of per-batch or per-image scores, which would weigh a class by
+    how often it happens to share a batch.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, labels: np.ndarray, preds: np.ndarray) -> None:
+        """Add label maps and predicted maps of the same shape (any number of dimensions)."""
+        labels = np.asarray(labels).reshape(-1)
+        preds = np.asarray(preds).reshape(-1)
+        if labels.shape != preds.shape:
+            raise ValueError(f"labels ({labels.size} pixels) and preds ({preds.size}) differ")
+        if self.ignore_index is not None:
+            keep = labels != self.ignore_index
+            labels, preds = labels[keep], preds[keep]
+        self.matrix += confusion_matrix(labels, preds, self.num_classes)
+
+
+def segmentation_report(cm: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Split-level segmentation scores from a pixel confusion matrix (void already excluded).
+
+    - `test_miou`: mean IoU over the classes that occur in the labels or the
+      predictions; a class in neither has no IoU (null) and is left out, a class
+      predicted but absent from the labels scores 0.
+    - `test_mean_dice`: the same mean of per-class Dice (= F1).
+    - `test_pixel_accuracy`: correct pixels / labelled pixels.
+    - `test_mean_class_accuracy`: mean recall over the classes present in the labels.
+    - `per_class`: {name: {iou, dice, accuracy, pixels}}, null where undefined.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    names = [str(n) for n in class_names]
+    if cm.ndim != 2 or cm.shape != (len(names), len(names)):
+        raise ValueError(f"confusion matrix {cm.shape} does not match {len(names)} class names")
+    total = int(cm.sum())
+    if total == 0:
+        raise ValueError("no labelled pixels: segmentation metrics are undefined")
+    tp = np.diag(cm).astype(np.float64)
+    in_labels = cm.sum(axis=1).astype(np.float64)
+    in_preds = cm.sum(axis=0).astype(np.float64)
+    union = in_labels + in_preds - tp
+    iou = _divide_or_nan(tp, union)
+    dice = _divide_or_nan(2 * tp, in_labels + in_preds)
+    accuracy = _divide_or_nan(tp, in_labels)
+    return {
+        "test_miou": float(np.nanmean(iou)),
+        "test_mean_dice": float(np.nanmean(dice)),
+        "test_pixel_accuracy": float(tp.sum() / total),
+        "test_mean_class_accuracy": float(np.nanmean(accuracy)),
+        "num_test_pixels": total,
+        "per_class": {
+            name: {
+                "iou": _float_or_none(iou[i]),
+                "dice": _float_or_none(dice[i]),
+                "accuracy": _float_or_none(accuracy[i]),
+                "pixels": int(in_labels[i]),
+            }
+            for i, name in enumerate(names)
+        },
+    }
+
+
+def _divide_or_nan(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full_like(num, np.nan, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _float_or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)

@@ -174,3 +174,73 @@ def test_classification_report_rejects_mismatched_names() -> None:
         metrics.classification_report(probs, labels, ["a", "b"])
     with pytest.raises(ValueError, match="unique"):
         metrics.classification_report(probs, labels, ["a"] * 10)
+
+
+def random_label_maps(seed: int, num_classes: int, void: int, absent: int):
+    """Label and prediction maps with void pixels; class `absent` never occurs in the labels
+    (but is predicted), and class num_classes - 1 occurs in neither."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes - 1, size=(6, 20, 30))
+    labels[labels == absent] = 0
+    labels[rng.random(labels.shape) < 0.2] = void
+    noise = rng.integers(0, num_classes - 1, size=labels.shape)
+    preds = np.where(rng.random(labels.shape) < 0.6, labels, noise)
+    preds[preds == void] = 0
+    return labels, preds
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segmentation_scores_match_sklearn_with_void_and_absent_classes(seed: int) -> None:
+    num_classes, void, absent = 6, 255, 2
+    labels, preds = random_label_maps(seed, num_classes, void, absent)
+    confusion = metrics.PixelConfusion(num_classes, ignore_index=void)
+    for i in range(len(labels)):  # image by image, as evaluate streams batches
+        confusion.update(labels[i], preds[i])
+    keep = labels.reshape(-1) != void
+    y, p = labels.reshape(-1)[keep], preds.reshape(-1)[keep]
+    classes = list(range(num_classes))
+    np.testing.assert_array_equal(confusion.matrix, skm.confusion_matrix(y, p, labels=classes))
+
+    names = [f"c{i}" for i in classes]
+    report = metrics.segmentation_report(confusion.matrix, names)
+    occurring = np.isin(classes, np.union1d(y, p))  # IoU and Dice are defined for these
+    labelled = np.isin(classes, y)  # recall is defined for these
+    iou = skm.jaccard_score(y, p, labels=classes, average=None, zero_division=0)
+    dice = skm.f1_score(y, p, labels=classes, average=None, zero_division=0)
+    recall = skm.recall_score(y, p, labels=classes, average=None, zero_division=0)
+    assert report["test_miou"] == pytest.approx(iou[occurring].mean())
+    assert report["test_mean_dice"] == pytest.approx(dice[occurring].mean())
+    assert report["test_pixel_accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert report["test_mean_class_accuracy"] == pytest.approx(recall[labelled].mean())
+    assert report["num_test_pixels"] == keep.sum()
+    # Predicted but absent from the labels: IoU 0, counted in the mean.
+    assert report["per_class"]["c2"] == {"iou": 0.0, "dice": 0.0, "accuracy": None, "pixels": 0}
+    # In neither labels nor predictions: undefined, left out of the means.
+    assert report["per_class"]["c5"]["iou"] is None
+    assert list(occurring) == [True] * 5 + [False] and not labelled[2]
+    json.dumps(report, allow_nan=False)
+
+
+def test_void_pixels_change_no_score() -> None:
+    labels, preds = random_label_maps(0, 6, 255, 2)
+    with_void = metrics.PixelConfusion(6, ignore_index=255)
+    with_void.update(labels, preds)
+    wrong_on_void = np.where(labels == 255, (preds + 1) % 6, preds)
+    changed = metrics.PixelConfusion(6, ignore_index=255)
+    changed.update(labels, wrong_on_void)
+    np.testing.assert_array_equal(with_void.matrix, changed.matrix)
+    with pytest.raises(ValueError, match="labels"):
+        metrics.PixelConfusion(6).update(labels, preds)  # 255 is out of range without ignore
+
+
+def test_split_scores_are_not_a_mean_of_batch_scores() -> None:
+    """Class 1 is a few pixels in one image: per-image mIoU would weigh it as much as class 0."""
+    labels = np.zeros((2, 10, 10), dtype=int)
+    labels[0, :2, :2] = 1
+    preds = np.zeros_like(labels)
+    confusion = metrics.PixelConfusion(2)
+    confusion.update(labels, preds)
+    report = metrics.segmentation_report(confusion.matrix, ["bg", "thing"])
+    assert report["per_class"]["thing"]["iou"] == 0.0
+    assert report["per_class"]["bg"]["iou"] == pytest.approx(196 / 200)
+    assert report["test_miou"] == pytest.approx((196 / 200 + 0) / 2)
