@@ -103,18 +103,45 @@ def _git(*args: str) -> str:
 
 @contextlib.contextmanager
 def training_run(
-    experiment: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    experiment: str,
+    *,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    resume_file: Path | None = None,
 ) -> Iterator[str]:
-    """Start a run, log params and tags, write RUN_FILE; yield the run id.
+    """Start a run, log params and tags; yield the run id.
 
-    An exception inside marks the run FAILED (mlflow's context manager does that).
+    With `resume_file` (kept next to the training checkpoint), a process that
+    resumes an interrupted training continues the interrupted run instead of
+    opening a second one, so the run holds every epoch. An exception inside
+    marks the run FAILED (mlflow's context manager does that).
     """
     mlflow = _mlflow()
     experiment_id = ensure_experiment(experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.set_tags({**source_tags(), **tags})
-        mlflow.log_params(params)
+    previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
+    start = {"run_id": previous} if previous else {"run_name": run_name}
+    with mlflow.start_run(experiment_id=experiment_id, **start) as run:
+        if resume_file:
+            resume_file.parent.mkdir(parents=True, exist_ok=True)
+            resume_file.write_text(run.info.run_id)
+        mlflow.set_tags({**source_tags(), **tags, **({"resumed": "true"} if previous else {})})
+        mlflow.log_params(params)  # identical values may be logged again
         yield run.info.run_id
+
+
+def _unfinished_run(resume_file: Path, experiment_id: str) -> str | None:
+    """The id in `resume_file` if that run is in this store and experiment and did not finish."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = resume_file.read_text().strip()
+        run = _client().get_run(run_id)
+    except (OSError, MlflowException):
+        return None
+    if run.info.experiment_id != experiment_id or run.info.status == "FINISHED":
+        return None
+    return run_id
 
 
 def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:

@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 NO_AUGMENT = AugmentConfig()
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
+RUN_ID_FILE = "mlflow_run_id"  # in the checkpoint dir: the run a resumed training continues
 
 
 @dataclass
@@ -91,6 +92,7 @@ def fit_model(
     *,
     augment_cfg: AugmentConfig = NO_AUGMENT,
     checkpoint_dir: Path = CHECKPOINT_DIR,
+    loggers=(),
     extra_callbacks=(),
 ) -> TrainResult:
     """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`.
@@ -98,6 +100,8 @@ def fit_model(
     Training runs in phases (one unless `cfg.finetune` is progressive), each a
     `fit` over its epochs with its own trainable layers; a phase that finished
     leaves its weights in `checkpoint_dir`, the running one a per-epoch backup.
+    `loggers` record each epoch before it is backed up; `extra_callbacks` run
+    after the backup.
     """
     import keras
 
@@ -160,9 +164,12 @@ def fit_model(
             EpochOrder(train_batches),
             epoch_seeds_callback(cfg.seed),
             standard_logs_callback(),
+            # Record the epoch before backing it up: a crash in between reruns the
+            # epoch (identically) rather than leaving it out of the history.
+            keras.callbacks.CSVLogger(str(history_csv), append=True),
+            *loggers,
             # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
             keras.callbacks.BackupAndRestore(str(backup_dir)),
-            keras.callbacks.CSVLogger(str(history_csv), append=True),
             *early_stopping(cfg),
             *extra_callbacks,
         ]
@@ -366,8 +373,14 @@ def run(
         "data_source_sha256": card["source"].get("sha256", ""),
         **({"grid": mlflow_cfg.grid} if mlflow_cfg.grid else {}),
     }
+    # Before the run starts: a checkpoint of other params must not continue its run.
+    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
     with tracking.training_run(
-        mlflow_cfg.experiment, run_name=model_cfg.arch, params=params, tags=tags
+        mlflow_cfg.experiment,
+        run_name=model_cfg.arch,
+        params=params,
+        tags=tags,
+        resume_file=checkpoint_dir / RUN_ID_FILE,
     ) as run_id:
         result = fit_model(
             model_cfg,
@@ -376,7 +389,7 @@ def run(
             card,
             augment_cfg=augment_cfg,
             checkpoint_dir=checkpoint_dir,
-            extra_callbacks=[tracking.epoch_logger()],
+            loggers=[tracking.epoch_logger()],
         )
         model = inference_copy(result.model)
         summary = model_summary(model)

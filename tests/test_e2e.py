@@ -285,3 +285,56 @@ def test_queued_grid_runs_and_compare_reports_it(project):
 
     bad = run_cli(["compare", "--experiment", "no-such"], project)
     assert bad.returncode == 2 and "no-such" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_killed_repro_resumes_and_ends_with_the_uninterrupted_metrics(project):
+    """`kill -9` during training; the next `dvc repro` continues from the last finished
+    epoch, in the same MLflow run, and ends with the metrics of an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["model"].update(arch="simple_cnn", width_multiplier=0.5)
+    params["train"].update(epochs=5, warmup_epochs=1)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["dvc", "repro"], project)
+    reference = read_metrics(project)
+    reference_history = (project / "plots" / "history.csv").read_text()
+    runs_before = len(runs(project))
+
+    metadata = project / "data" / "checkpoints" / "backup_phase0" / "training_metadata.json"
+    training = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "train"],
+        cwd=project,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and training.poll() is None:
+        try:
+            if json.loads(metadata.read_text())["epoch"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    os.killpg(training.pid, signal.SIGKILL)
+    assert training.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (project / "data" / "model" / "model.keras").exists()
+
+    resumed = sh(["dvc", "repro"], project).stdout
+    assert "Running stage 'train'" in resumed
+    assert "Epoch 1/5" not in resumed and "Epoch 5/5" in resumed  # continued, not restarted
+    assert read_metrics(project) == reference
+    assert (project / "plots" / "history.csv").read_text() == reference_history
+
+    after = runs(project)
+    assert len(after) == runs_before + 1  # the killed run was continued, not duplicated
+    run = after[-1]
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    assert run.data.metrics["test_top1"] == reference["test_top1"]
+    steps = client(project).get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted({m.step for m in steps}) == [0, 1, 2, 3, 4]

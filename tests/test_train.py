@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from functools import partial
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ import yaml
 from conftest import ROOT, run_cli
 
 from pipeline.backend import resolve_precision
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data.prepare import read_card
 from pipeline.train import fit_model
 
@@ -97,23 +98,30 @@ def test_mixed_float16_uses_loss_scaling(digits_prepared, tmp_path):
     assert np.isfinite(result.history["train_loss"]).all()
 
 
-def test_interrupted_training_resumes_from_last_epoch(digits_prepared, tmp_path):
+def test_interrupted_training_resumes_and_ends_as_if_never_stopped(digits_prepared, tmp_path):
+    """Stopped after epoch 2 and resumed: only epoch 3 runs, and the final weights and
+    history are bit-identical to an uninterrupted run (dropout, random augmentation
+    and MixUp/CutMix included)."""
     card = read_card(digits_prepared)
+    augment = AugmentConfig(translate=0.1, mixup_alpha=0.2, cutmix_alpha=0.5, mix_prob=0.5)
+    assert SMALL_MODEL.dropout > 0
+    fit = partial(fit_model, SMALL_MODEL, SHORT, digits_prepared, card, augment_cfg=augment)
+    uninterrupted = fit(checkpoint_dir=tmp_path / "once")
+
     ckpt = tmp_path / "ckpt"
     first = EpochCounter(stop_after=1)
     with pytest.raises(KeyboardInterrupt):
-        fit_model(
-            SMALL_MODEL, SHORT, digits_prepared, card, checkpoint_dir=ckpt, extra_callbacks=[first]
-        )
+        fit(checkpoint_dir=ckpt, extra_callbacks=[first])
     assert first.epochs == [0, 1]
-
     second = EpochCounter()
-    result = fit_model(
-        SMALL_MODEL, SHORT, digits_prepared, card, checkpoint_dir=ckpt, extra_callbacks=[second]
-    )
+    resumed = fit(checkpoint_dir=ckpt, extra_callbacks=[second])
+
     assert second.epochs == [2]  # epochs 0 and 1 were restored, not rerun
-    assert result.history["epoch"] == [1, 2, 3]
-    assert result.images_per_second == pytest.approx(card["totals"]["train"] / result.seconds)
+    assert resumed.history == uninterrupted.history
+    weights = zip(uninterrupted.model.get_weights(), resumed.model.get_weights(), strict=True)
+    for before, after in weights:
+        np.testing.assert_array_equal(before, after)
+    assert resumed.images_per_second == pytest.approx(card["totals"]["train"] / resumed.seconds)
 
 
 def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
