@@ -39,4 +39,4 @@ lint: $(VENV)/.installed-test
 # (the GPU machines have JAX and no TensorFlow).
 test: lint
 	python -m pytest
-	KERAS_BACKEND=jax python -m pytest tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py
+	KERAS_BACKEND=jax python -m pytest tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py
