@@ -34,9 +34,8 @@ lint: $(VENV)/.installed-test
 	ruff check pipeline tests
 	ruff format --check pipeline tests
 
-# The whole suite on TensorFlow, then the zoo, operator, augmentation and optimizer tests
-# again on JAX
-# (the GPU machines have JAX and no TensorFlow).
+# The whole suite on TensorFlow, then the zoo, operator, augmentation, optimizer, loss and
+# segmentation model tests again on JAX (the GPU machines have JAX and no TensorFlow).
 test: lint
 	python -m pytest
-	KERAS_BACKEND=jax python -m pytest tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py
+	KERAS_BACKEND=jax python -m pytest tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py tests/test_segmentation_models.py
