@@ -41,7 +41,7 @@ def _num(default: Any, **bounds: float) -> Any:
 class FetchConfig:
     """Where raw images come from."""
 
-    source: Literal["digits", "archive"] = "digits"
+    source: Literal["digits", "digit_scenes", "archive"] = "digits"
     # archive: a local path, file:// URL or http(s):// URL of a .tar.gz/.tgz/.tar/.zip
     url: str = ""
     # optional hex sha256 the archive must match

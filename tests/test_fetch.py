@@ -169,6 +169,7 @@ def test_archive_over_http_with_checksum(tmp_path, server):
         "source": "archive",
         "url": f"{server.url}/pets.tar.gz",
         "sha256": sha256_of(archive),
+        "task": "classification",
         "num_images": 6,
         "classes": ["cat", "dog"],
         "splits": [],

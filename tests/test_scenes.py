@@ -59,3 +59,28 @@ def _cropped(ink: np.ndarray) -> np.ndarray:
 
 def _key(pattern: np.ndarray) -> bytes:
     return bytes(pattern.shape) + pattern.tobytes()
+
+
+def test_fetch_writes_scene_splits_with_masks_classes_and_void(tmp_path):
+    from PIL import Image
+
+    from pipeline.config import FetchConfig
+    from pipeline.data import fetch
+    from pipeline.data.scenes import SPLIT_SIZES, split_glyph_pools
+
+    info = fetch.run(FetchConfig(source="digit_scenes"), tmp_path / "raw")
+    assert info["task"] == "segmentation" and info["ignore_index"] == VOID
+    assert info["classes"] == list(CLASSES) and info["splits"] == ["train", "val", "test"]
+    raw = tmp_path / "raw"
+    assert (raw / "classes.txt").read_text().split() == list(CLASSES)
+    for split, count in SPLIT_SIZES.items():
+        images = sorted(p.name for p in (raw / split / "images").iterdir())
+        masks = sorted(p.name for p in (raw / split / "masks").iterdir())
+        assert images == masks and len(images) == count
+    mask = np.asarray(Image.open(raw / "test" / "masks" / "0000.png"))
+    assert mask.dtype == np.uint8 and VOID in mask and mask.max() == VOID
+    again = fetch.run(FetchConfig(source="digit_scenes"), tmp_path / "again")
+    assert again["sha256"] == info["sha256"]
+    pools = split_glyph_pools()
+    assert not set(pools["train"]) & set(pools["test"])
+    assert sum(len(p) for p in pools.values()) == 1797

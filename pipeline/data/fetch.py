@@ -1,7 +1,9 @@
-"""The fetch stage: raw images in image-folder layout at data/raw, replaced atomically.
+"""The fetch stage: raw images at data/raw, replaced atomically.
 
-Output: `out_dir/[<split>/]<class>/<image files>` plus `out_dir/source.json`
-(where the data came from, its checksum, counts). Everything is built in a
+Output for classification: `out_dir/[<split>/]<class>/<image files>`; for
+segmentation: `out_dir/[<split>/]{images,masks}/<id>.*` and `classes.txt`.
+Plus `out_dir/source.json` (where the data came from, its checksum, counts,
+and `task`). Everything is built in a
 hidden sibling directory and renamed into place only when complete, so a failed
 fetch leaves the previous `out_dir` exactly as it was.
 """
@@ -27,7 +29,8 @@ from pipeline.errors import DataError
 # Folder names that mean "split layout", and the name each one is written as.
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 # Root-level files worth keeping beside the class folders.
-KEEP_FILES = ("classes.txt",)
+CLASSES_FILE = "classes.txt"
+KEEP_FILES = (CLASSES_FILE,)
 IGNORED_DIRS = frozenset({"__MACOSX"})
 
 
@@ -36,7 +39,12 @@ def run(cfg: FetchConfig, out_dir: Path = RAW_DIR) -> dict:
     out_dir = Path(out_dir)
     try:
         with atomic_dir(out_dir) as work:
-            info = _fetch_digits(work) if cfg.source == "digits" else _fetch_archive(cfg, work)
+            if cfg.source == "digits":
+                info = _fetch_digits(work)
+            elif cfg.source == "digit_scenes":
+                info = _fetch_digit_scenes(work)
+            else:
+                info = _fetch_archive(cfg, work)
             (work / "source.json").write_text(json.dumps(info, indent=2) + "\n")
     except OSError as exc:
         raise DataError(f"fetch: writing {out_dir} failed ({exc.strerror or exc})") from exc
@@ -62,17 +70,55 @@ def _fetch_digits(work: Path) -> dict:
     return _source_info("digits", "sklearn.datasets.load_digits", digest, len(labels), classes, [])
 
 
+def _fetch_digit_scenes(work: Path) -> dict:
+    """The offline segmentation default: seeded digit scenes (pipeline.data.scenes)."""
+    from pipeline.data.scenes import CLASSES, SPLIT_SIZES, VOID, digit_scenes, split_glyph_pools
+
+    digest = hashlib.sha256()
+    pools = split_glyph_pools()
+    for offset, (split, count) in enumerate(SPLIT_SIZES.items()):
+        images, masks = digit_scenes(count, seed=offset, glyph_pool=pools[split])
+        for kind, arrays in (("images", images), ("masks", masks)):
+            (work / split / kind).mkdir(parents=True)
+            for index, array in enumerate(arrays):
+                Image.fromarray(array).save(work / split / kind / f"{index:04d}.png")
+            digest.update(arrays.tobytes())
+    (work / CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
+    return _source_info(
+        "digit_scenes",
+        "pipeline.data.scenes",
+        digest.hexdigest(),
+        sum(SPLIT_SIZES.values()),
+        list(CLASSES),
+        list(SPLIT_SIZES),
+        task="segmentation",
+        ignore_index=VOID,
+    )
+
+
 def _source_info(
-    source: str, url: str, sha256: str, num_images: int, classes: list[str], splits: list[str]
+    source: str,
+    url: str,
+    sha256: str,
+    num_images: int,
+    classes: list[str],
+    splits: list[str],
+    *,
+    task: str = "classification",
+    ignore_index: int | None = None,
 ) -> dict:
-    return {
+    info = {
         "source": source,
         "url": url,
         "sha256": sha256,
+        "task": task,
         "num_images": num_images,
         "classes": classes,
         "splits": splits,
     }
+    if ignore_index is not None:
+        info["ignore_index"] = ignore_index
+    return info
 
 
 # --------------------------------------------------------------------------- archive

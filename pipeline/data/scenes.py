@@ -15,6 +15,8 @@ CLASSES = ("background", *(str(d) for d in range(10)))
 VOID = 255
 INK = 0.5  # glyph intensity (0..1) from which a pixel is the digit's
 RIM = 0.15  # fainter than INK but above RIM: void
+# Scenes per split of the fetch stage's `digit_scenes` source (64x64 each).
+SPLIT_SIZES = {"train": 1000, "val": 200, "test": 200}
 
 
 def digit_scenes(
@@ -24,17 +26,20 @@ def digit_scenes(
     digits_per_scene: tuple[int, int] = (2, 4),
     scales: tuple[int, ...] = (2, 3),
     seed: int = 0,
+    glyph_pool: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`num_scenes` images and masks, both uint8 (num_scenes, size, size).
 
-    A digit is an 8x8 scikit-learn glyph enlarged by an integer factor from
-    `scales` (nearest neighbour, so the mask follows the pixels exactly).
+    A digit is an 8x8 scikit-learn glyph (from `glyph_pool`, indices into the
+    1,797, default all) enlarged by an integer factor from `scales` (nearest
+    neighbour, so the mask follows the pixels exactly).
     """
     from sklearn.datasets import load_digits  # slow import; only this source needs it
 
     digits = load_digits()
-    glyphs = digits.images / 16.0
-    labels = digits.target
+    pool = np.arange(len(digits.target)) if glyph_pool is None else np.asarray(glyph_pool)
+    glyphs = digits.images[pool] / 16.0
+    labels = digits.target[pool]
     rng = np.random.default_rng(seed)
     images = np.empty((num_scenes, size, size), dtype=np.uint8)
     masks = np.zeros((num_scenes, size, size), dtype=np.uint8)
@@ -57,6 +62,19 @@ def digit_scenes(
             region[(glyph > RIM) & (glyph < INK)] = VOID
         images[n] = np.rint(canvas * 255).astype(np.uint8)
     return images, masks
+
+
+def split_glyph_pools(seed: int = 0) -> dict[str, np.ndarray]:
+    """Disjoint glyph indices per split, in proportion to SPLIT_SIZES: test scenes show
+    handwriting that training never saw."""
+    permutation = np.random.default_rng(seed).permutation(1797)
+    total = sum(SPLIT_SIZES.values())
+    pools, start = {}, 0
+    for split, count in SPLIT_SIZES.items():
+        end = start + round(1797 * count / total)
+        pools[split] = np.sort(permutation[start:end])
+        start = end
+    return pools
 
 
 def _free_place(taken: np.ndarray, side: int, rng: np.random.Generator, tries: int = 50):
