@@ -47,6 +47,8 @@ class FetchConfig:
     # optional hex sha256 the archive must match
     sha256: str = ""
     timeout_s: float = _num(60.0, gt=0)
+    # segmentation archives: the mask value of void (unlabelled) pixels, e.g. 11 for CamVid
+    ignore_index: int = _num(255, ge=0, le=255)
 
     def __post_init__(self) -> None:
         if self.source == "archive" and not self.url:

@@ -420,6 +420,54 @@ def test_refusal_inside_fetch_names_the_url_not_the_temp_file(tmp_path):
     assert not (tmp_path / "work" / "evil.png").exists()
 
 
+# --------------------------------------------------------------------------- segmentation
+
+
+def mask_files(prefix: str = "", splits=("train/", "val/"), per_split: int = 2) -> dict:
+    files = {f"{prefix}classes.txt": b"sky\nroad\ncar\n"}
+    for split in splits:
+        for i in range(per_split):
+            files[f"{prefix}{split}images/{i:03d}.png"] = png_bytes(i)
+            files[f"{prefix}{split}masks/{i:03d}.png"] = png_bytes(i % 3)
+    return files
+
+
+def test_images_and_masks_archive_is_a_segmentation_layout(tmp_path):
+    archive = make_tar(tmp_path / "seg.tar.gz", mask_files("scenes/"))
+    cfg = FetchConfig(source="archive", url=str(archive), ignore_index=11)
+    info = fetch.run(cfg, tmp_path / "raw")
+    assert info["task"] == "segmentation" and info["ignore_index"] == 11
+    assert info["classes"] == ["sky", "road", "car"]  # file order = mask values, not sorted
+    assert info["splits"] == ["train", "val"] and info["num_images"] == 4
+    raw = tmp_path / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == ["classes.txt", "source.json", "train", "val"]
+    assert len(pngs(raw / "val" / "masks")) == 2
+
+
+def test_unsplit_images_and_masks_are_kept_as_one_pool(tmp_path):
+    archive = make_tar(tmp_path / "seg.tar", mask_files(splits=("",), per_split=3))
+    info = fetch.run(FetchConfig(source="archive", url=str(archive)), tmp_path / "raw")
+    assert info["splits"] == [] and info["num_images"] == 3 and info["ignore_index"] == 255
+    assert len(pngs(tmp_path / "raw" / "images")) == 3
+
+
+def test_image_without_mask_is_refused_by_name(tmp_path):
+    files = mask_files()
+    del files["val/masks/001.png"]
+    archive = make_tar(tmp_path / "seg.tar", files)
+    with pytest.raises(DataError, match="image '001' in val/ .*no match in masks/"):
+        fetch.run(FetchConfig(source="archive", url=str(archive)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_masks_without_classes_file_are_refused(tmp_path):
+    files = mask_files()
+    del files["classes.txt"]
+    archive = make_tar(tmp_path / "seg.tar", files)
+    with pytest.raises(DataError, match="no classes.txt"):
+        fetch.run(FetchConfig(source="archive", url=str(archive)), tmp_path / "raw")
+
+
 # --------------------------------------------------------------------------- real data
 
 
@@ -443,3 +491,14 @@ def test_real_cifar10_archive(tmp_path):
     for name in info["classes"]:
         assert len(list((out / "train" / name).glob("*.jpg"))) == 5000
     assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "source.json", "train"]
+
+
+@pytest.mark.slow
+def test_real_camvid_archive(tmp_path):
+    camvid = SHARED / "camvid-trainval.tar.gz"
+    if not camvid.is_file():
+        pytest.skip(f"{camvid} not present")
+    info = fetch.run(FetchConfig(source="archive", url=camvid.as_uri(), ignore_index=11), tmp_path)
+    assert info["task"] == "segmentation" and info["ignore_index"] == 11
+    assert info["splits"] == ["train", "val"] and info["num_images"] == 367 + 101
+    assert info["classes"][0] == "sky" and len(info["classes"]) == 11

@@ -134,6 +134,7 @@ class Layout:
     split: bool = False
     classes: list[str] = field(default_factory=list)
     num_images: int = 0
+    task: str = "classification"
 
 
 def _fetch_archive(cfg: FetchConfig, work: Path) -> dict:
@@ -148,7 +149,17 @@ def _fetch_archive(cfg: FetchConfig, work: Path) -> dict:
     _move_layout(layout, work)
     shutil.rmtree(extracted)
     splits = sorted(layout.folders) if layout.split else []
-    return _source_info("archive", cfg.url, digest, layout.num_images, layout.classes, splits)
+    segmentation = layout.task == "segmentation"
+    return _source_info(
+        "archive",
+        cfg.url,
+        digest,
+        layout.num_images,
+        layout.classes,
+        splits,
+        task=layout.task,
+        ignore_index=cfg.ignore_index if segmentation else None,
+    )
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -204,10 +215,53 @@ def _read_layout(root: Path, top: Path, url: str) -> Layout:
     if not dirs:
         raise DataError(f"fetch: no class folders found at {_shown(root, top, url)}")
     _refuse_loose_images(root, top, url)
+    if _has_masks(root) or all(d.name.lower() in SPLIT_NAMES and _has_masks(d) for d in dirs):
+        return _read_mask_layout(root, dirs, top, url)
     if all(d.name.lower() in SPLIT_NAMES for d in dirs):
         return _read_split_layout(root, dirs, top, url)
     classes, count = _read_classes(root, top, url)
     return Layout(root, {d.name: d for d in dirs}, False, classes, count)
+
+
+def _has_masks(folder: Path) -> bool:
+    return {d.name for d in _visible_dirs(folder)} == {"images", "masks"}
+
+
+def _read_mask_layout(root: Path, dirs: list[Path], top: Path, url: str) -> Layout:
+    """Segmentation: `[<split>/]images/<id>.*` each with `masks/<id>.png`, and classes.txt."""
+    classes_file = root / CLASSES_FILE
+    if not classes_file.is_file():
+        raise DataError(
+            f"fetch: {_shown(root, top, url)} has images/ and masks/ but no {CLASSES_FILE} "
+            "(one class name per line, in mask-value order)"
+        )
+    classes = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    if len(classes) < 2:
+        raise DataError(f"fetch: {CLASSES_FILE} in {url} names fewer than 2 classes")
+    split = not _has_masks(root)
+    folders = (
+        {SPLIT_NAMES[d.name.lower()]: d for d in dirs}
+        if split
+        else {
+            "images": root / "images",
+            "masks": root / "masks",
+        }
+    )
+    total = 0
+    for folder in [*folders.values()] if split else [root]:
+        images = {p.stem: p for p in _images_in(folder / "images")}
+        masks = {p.stem: p for p in _images_in(folder / "masks")}
+        if not images:
+            raise DataError(f"fetch: {_shown(folder / 'images', top, url)} has no images")
+        unpaired = sorted(set(images) ^ set(masks))
+        if unpaired:
+            name = unpaired[0]
+            kind, other = ("image", "masks") if name in images else ("mask", "images")
+            raise DataError(
+                f"fetch: {kind} {name!r} in {_shown(folder, top, url)} has no match in {other}/"
+            )
+        total += len(images)
+    return Layout(root, folders, split, classes, total, task="segmentation")
 
 
 def _refuse_loose_images(folder: Path, top: Path, url: str) -> None:
