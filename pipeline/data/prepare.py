@@ -159,12 +159,15 @@ def assign_splits(
 def run(cfg: PrepareConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PREPARED_DIR) -> dict:
     """Write train/val/test arrays and the data card to `out_dir`; return the card."""
     source = _read_source(raw_dir)
+    if source.get("task") == "segmentation":
+        return run_segmentation(cfg, source, raw_dir, out_dir)
     found = list_images(raw_dir)
     classes = sorted({c for items in found.values() for _, c in items})
     if len(classes) < 2:
         raise DataError(f"prepare: {raw_dir} has {len(classes)} class(es); need at least 2")
     splits = assign_splits(found, classes, cfg)
     card = {
+        "task": "classification",
         "source": source,
         "classes": classes,
         "num_classes": len(classes),
@@ -193,6 +196,129 @@ def run(cfg: PrepareConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PREPARED_DI
         card["data_hash"] = digest.hexdigest()
         write_json(data_card_file(tmp), card)
     return card
+
+
+# --------------------------------------------------------------------------- segmentation
+
+VOID = 255  # void pixels in prepared masks, whatever value the source used
+
+
+def list_pairs(raw_dir: Path, source: dict) -> dict[str, list[tuple[Path, Path]]]:
+    """Map split name ("all" when unsplit) to (image, mask) paths paired by file stem."""
+    splits = source.get("splits") or []
+    roots = {s: raw_dir / s for s in splits} if splits else {"all": raw_dir}
+    found = {}
+    for split, root in roots.items():
+        masks = {
+            p.stem: p for p in (root / "masks").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        }
+        images = sorted(
+            p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        missing = [p.name for p in images if p.stem not in masks]
+        if missing or not images:
+            raise DataError(f"prepare: {root} has images without masks: {missing[:3]}")
+        found[split] = [(p, masks[p.stem]) for p in images]
+    return found
+
+
+def load_mask(path: Path, size: int, num_classes: int, ignore_index: int) -> np.ndarray:
+    """Decode a class-index mask to uint8 (size, size): nearest-neighbour resize only (an
+    interpolated class index is another class), source void mapped to VOID."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise DataError(
+                    f"prepare: mask {path} is {img.mode}; masks hold one class index per "
+                    "pixel (a grayscale or palette PNG)"
+                )
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.NEAREST)
+            values = np.asarray(img).astype(np.int64)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"prepare: cannot decode mask {path} ({exc.__class__.__name__})") from None
+    void = values == ignore_index
+    bad = (values >= num_classes) & ~void
+    if bad.any():
+        raise DataError(
+            f"prepare: mask {path} has value {int(values[bad][0])}, but there are "
+            f"{num_classes} classes and void is {ignore_index} (fetch.ignore_index)"
+        )
+    return np.where(void, VOID, values).astype(np.uint8)
+
+
+def run_segmentation(cfg: PrepareConfig, source: dict, raw_dir: Path, out_dir: Path) -> dict:
+    """Images as for classification, masks as uint8 (N, H, W) class maps in the labels file."""
+    classes = list(source["classes"])
+    ignore_index = int(source.get("ignore_index", VOID))
+    found = list_pairs(raw_dir, source)
+    splits = _carve_pairs(found, cfg)
+    card = {
+        "task": "segmentation",
+        "source": source,
+        "classes": classes,
+        "num_classes": len(classes),
+        "ignore_index": VOID,
+        "image_shape": [cfg.image_size, cfg.image_size, cfg.channels],
+        "prepare": asdict(cfg),
+        "counts": {},
+        "class_pixels": {},
+        "sha256": {},
+    }
+    digest = hashlib.sha256()
+    size = cfg.image_size
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            pairs = splits.get(split, [])
+            images = np.zeros((len(pairs), size, size, cfg.channels), np.uint8)
+            masks = np.zeros((len(pairs), size, size), np.uint8)
+            with ThreadPoolExecutor() as pool:
+                decode = pool.map(
+                    lambda pair: (
+                        load_image(pair[0], size, cfg.channels),
+                        load_mask(pair[1], size, len(classes), ignore_index),
+                    ),
+                    pairs,
+                )
+                for i, (image, mask) in enumerate(decode):
+                    images[i], masks[i] = image, mask
+            np.save(images_file(tmp, split), images)
+            np.save(labels_file(tmp, split), masks)
+            pixels = np.bincount(masks.reshape(-1), minlength=VOID + 1)
+            card["counts"][split] = len(pairs)
+            card["class_pixels"][split] = {
+                **{name: int(pixels[i]) for i, name in enumerate(classes)},
+                "void": int(pixels[VOID]),
+            }
+            split_digest = hashlib.sha256(images.tobytes() + masks.tobytes()).hexdigest()
+            card["sha256"][split] = split_digest
+            digest.update(split_digest.encode())
+        card["totals"] = dict(card["counts"])
+        card["data_hash"] = digest.hexdigest()
+        write_json(data_card_file(tmp), card)
+    return card
+
+
+def _carve_pairs(
+    found: dict[str, list[tuple[Path, Path]]], cfg: PrepareConfig
+) -> dict[str, list[tuple[Path, Path]]]:
+    """Keep the source's splits; carve missing val/test from train by a seeded shuffle."""
+    pool_name = "train" if "train" in found else "all"
+    pool = found[pool_name]
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    result = {s: found[s] for s in SPLITS if s in found and s != pool_name}
+    start = 0
+    for split, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
+        if split in found:
+            continue
+        count = round(fraction * len(pool))
+        result[split] = [pool[i] for i in sorted(order[start : start + count])]
+        start += count
+    result["train"] = [pool[i] for i in sorted(order[start:])]
+    if not result["train"]:
+        raise DataError("prepare: no training images left after carving val and test")
+    return result
 
 
 def read_card(prepared_dir: Path = PREPARED_DIR) -> dict:
