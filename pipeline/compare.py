@@ -3,8 +3,9 @@
 Reads every finished training run of the MLflow experiment (a queued DVC grid
 is one experiment) and writes to `reports/<experiment>/`:
 
-- `report.md`: a table per run (architecture, grid, DVC experiment, test top-1,
-  parameters, MACs, training images/s, final train-val accuracy gap);
+- `report.md`: a table per run (architecture, the settings that vary across the
+  runs, DVC experiment, test top-1, parameters, MACs, training images/s, final
+  train-val accuracy gap);
 - `top1_vs_params.png`, `top1_vs_throughput.png`: accuracy against size and cost;
 - `learning_curves.png`: validation accuracy per epoch, runs overlaid;
 - `train_val_gap.png`: the final train minus validation accuracy per run;
@@ -19,6 +20,16 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 REPORTS_DIR = Path("reports")
+# Param sections a user sets; other params (data.*, model.params, ...) are derived.
+SETTING_SECTIONS = ("model.", "train.", "augment.")
+# model.* figures the train stage logs from the model card, and the arch (its own column)
+DERIVED = frozenset(
+    f"model.{k}"
+    for k in (
+        *("arch", "params", "trainable_params", "non_trainable_params", "macs"),
+        *("depth", "layers", "receptive_field", "output_stride"),
+    )
+)
 
 
 def run_rows(runs: list[dict]) -> list[dict]:
@@ -33,7 +44,7 @@ def run_rows(runs: list[dict]) -> list[dict]:
             gap = train_acc[-1] - val_acc[-1]
         rows.append(
             {
-                "run": run["name"],
+                "run": tags.get("dvc_experiment") or run["name"],
                 "run_id": run["run_id"],
                 "arch": params.get("model.arch", "?"),
                 "grid": tags.get("grid", ""),
@@ -44,9 +55,20 @@ def run_rows(runs: list[dict]) -> list[dict]:
                 "images_per_second": metrics.get("train_images_per_second"),
                 "train_val_gap": gap,
                 "val_accuracy": val_acc if val_acc[0] is not None else [],
+                "settings": {},
             }
         )
+    varied = varied_settings([run["params"] for run in runs])
+    for row, run in zip(rows, runs, strict=True):
+        row["settings"] = {key: run["params"].get(key, "") for key in varied}
     return rows
+
+
+def varied_settings(params: list[dict[str, str]]) -> list[str]:
+    """The user-set params (model.*, train.*, augment.*) whose value differs between runs;
+    the architecture has its own column."""
+    keys = {k for p in params for k in p if k.startswith(SETTING_SECTIONS) and k not in DERIVED}
+    return sorted(k for k in keys if len({p.get(k) for p in params}) > 1)
 
 
 def _number(text):
@@ -66,15 +88,16 @@ def markdown(experiment: str, rows: list[dict]) -> str:
         "",
         f"{len(rows)} runs, best test top-1 first.",
         "",
-        "| run | arch | grid | DVC experiment | test top-1 | params | MMACs | train img/s "
-        "| train-val gap |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| run | arch | settings | grid | DVC experiment | test top-1 | params | MMACs "
+        "| train img/s | train-val gap |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     ordered = sorted(rows, key=lambda r: -(r["test_top1"] if r["test_top1"] is not None else -1))
     for r in ordered:
         macs = r["macs"] / 1e6 if r["macs"] is not None else None
+        settings = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in r["settings"].items())
         lines.append(
-            f"| {r['run']} | {r['arch']} | {r['grid']} | {r['dvc_experiment']} "
+            f"| {r['run']} | {r['arch']} | {settings} | {r['grid']} | {r['dvc_experiment']} "
             f"| {_fmt(r['test_top1'], '.4f')} | {_fmt(r['params'], ',.0f')} | {_fmt(macs, ',.1f')} "
             f"| {_fmt(r['images_per_second'], ',.0f')} | {_fmt(r['train_val_gap'], '+.3f')} |"
         )

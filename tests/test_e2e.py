@@ -274,6 +274,9 @@ def test_queued_grid_runs_and_compare_reports_it(project):
     report_dir = project / "reports" / "grid-test"
     report = (report_dir / "report.md").read_text()
     assert sum(line.startswith("| ") for line in report.splitlines()) == 1 + 4  # header + runs
+    # The settings column names what the grid varied, and only that.
+    assert report.count("weight_decay=0.001") == 2 and report.count("weight_decay=0.0 ") == 2
+    assert "width_multiplier" not in report and "epochs=" not in report
     for name in ("top1_vs_params", "top1_vs_throughput", "learning_curves", "train_val_gap"):
         png = report_dir / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
