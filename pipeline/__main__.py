@@ -39,6 +39,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config.load("train", args.params, params),
         config.load("mlflow", args.params, params),
         augment_cfg=config.load("augment", args.params, params),
+        task=config.load_task(args.params, params),
     )
     print(
         f"train: {result.seconds:.1f}s, {result.images_per_second:.0f} images/s, "

@@ -141,3 +141,84 @@ def _to_numpy(x) -> np.ndarray:
     import keras
 
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- segmentation
+
+# Keys that move pixels apply to image and mask alike; the rest are classification-only.
+MASK_AUGMENTATIONS = ("flip", "zoom", "crop_padding")
+
+
+def check_mask_augment(cfg: AugmentConfig) -> None:
+    """Segmentation takes flip, zoom (random scale) and crop_padding; refuse the others."""
+    for key in ("translate", "rotate", "color_jitter", "randaugment_ops", "erasing"):
+        if getattr(cfg, key):
+            raise ConfigError(
+                f"augment.{key} is not supported for task: segmentation; "
+                f"use {', '.join(MASK_AUGMENTATIONS)}"
+            )
+    if cfg.mixes:
+        raise ConfigError("augment.mixup_alpha/cutmix_alpha mix labels: classification only")
+
+
+class MaskAugmenter:
+    """`augment(images, masks, epoch, index)`: the same random flip, scale and crop for each
+    image and its mask. Images are resampled bilinearly, masks by nearest neighbour (a
+    blended class index is another class); pixels scaled in from outside are void."""
+
+    def __init__(self, cfg: AugmentConfig, void: int, seed: int):
+        check_mask_augment(cfg)
+        self.cfg, self.void, self.seed = cfg, void, seed
+
+    def __call__(self, images: np.ndarray, masks: np.ndarray, epoch: int, index: int):
+        rng = np.random.default_rng([self.seed, epoch, index])
+        images = images.astype(np.float32, copy=True)
+        masks = masks.copy()
+        for i in range(len(images)):
+            if self.cfg.flip and rng.random() < 0.5:
+                images[i], masks[i] = images[i, :, ::-1], masks[i, :, ::-1]
+            if self.cfg.zoom:
+                scale = rng.uniform(1 - self.cfg.zoom, 1 + self.cfg.zoom)
+                images[i], masks[i] = _scale_and_crop(images[i], masks[i], scale, self.void, rng)
+        if self.cfg.crop_padding:
+            images, masks = _pad_and_crop_pair(images, masks, self.cfg.crop_padding, self.void, rng)
+        return images, masks
+
+
+def _scale_and_crop(image, mask, scale: float, void: int, rng: np.random.Generator):
+    """Resize by `scale`, then a random crop (larger) or a random placement (smaller)
+    back to the original size; uncovered pixels are 0 in the image and void in the mask."""
+    from PIL import Image
+
+    h, w = mask.shape
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    channels = [
+        np.asarray(Image.fromarray(image[..., c]).resize((sw, sh), Image.Resampling.BILINEAR))
+        for c in range(image.shape[-1])
+    ]
+    scaled = np.stack(channels, axis=-1)
+    scaled_mask = np.asarray(Image.fromarray(mask).resize((sw, sh), Image.Resampling.NEAREST))
+    out = np.zeros_like(image)
+    out_mask = np.full_like(mask, void)
+    # offsets of the scaled map relative to the output (negative: cropped)
+    oy = int(rng.integers(min(0, h - sh), max(0, h - sh) + 1))
+    ox = int(rng.integers(min(0, w - sw), max(0, w - sw) + 1))
+    ys, xs = slice(max(0, oy), min(h, oy + sh)), slice(max(0, ox), min(w, ox + sw))
+    src = (slice(ys.start - oy, ys.stop - oy), slice(xs.start - ox, xs.stop - ox))
+    out[ys, xs] = scaled[src]
+    out_mask[ys, xs] = scaled_mask[src]
+    return out, out_mask
+
+
+def _pad_and_crop_pair(images, masks, padding: int, void: int, rng: np.random.Generator):
+    """pad_and_random_crop for images (reflect) with the same offsets for masks (void pad)."""
+    n, h, w = masks.shape
+    pad = ((0, 0), (padding, padding), (padding, padding))
+    padded = np.pad(images, (*pad, (0, 0)), "reflect")
+    padded_masks = np.pad(masks, pad, constant_values=void)
+    dy = rng.integers(0, 2 * padding + 1, n)
+    dx = rng.integers(0, 2 * padding + 1, n)
+    rows = (dy[:, None] + np.arange(h)[None, :])[:, :, None]
+    cols = (dx[:, None] + np.arange(w)[None, :])[:, None, :]
+    picked = np.arange(n)[:, None, None]
+    return padded[picked, rows, cols], padded_masks[picked, rows, cols]

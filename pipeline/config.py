@@ -20,6 +20,8 @@ import yaml
 from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The top-level `task` param: what train and evaluate do with the prepared data.
+TASKS = ("classification", "segmentation")
 
 
 def _range(
@@ -96,14 +98,40 @@ class ModelConfig:
     # stochastic depth rate of the deepest residual block, rising linearly from 0
     # (resnet*, resnext*, vit*; keras.applications constructors do not expose it)
     drop_path: float = _num(0.0, ge=0, lt=1)
+    # Segmentation models (model.arch unet | deeplabv3plus): the zoo CNN under the
+    # decoder, or plain (the U-Net paper's own encoder); decoder upsampling; ASPP rates.
+    encoder: str = "plain"
+    upsampling: Literal["bilinear", "transpose"] = "bilinear"
+    aspp_rates: tuple[int, ...] = (6, 12, 18)
 
     def __post_init__(self) -> None:
         from pipeline.models.registry import check_buildable, list_models
+        from pipeline.models.segmentation import PLAIN, SEGMENTATION_ARCHS
 
         names = list_models()
+        if self.arch in SEGMENTATION_ARCHS:
+            if self.encoder != PLAIN and self.encoder not in names:
+                raise ConfigError(
+                    f"model.encoder {self.encoder!r} is unknown; allowed: {PLAIN}, "
+                    + ", ".join(names)
+                )
+            if self.arch == "deeplabv3plus" and self.encoder == PLAIN:
+                raise ConfigError("model.encoder: deeplabv3plus needs a zoo encoder, e.g. resnet18")
+            if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
+                raise ConfigError(f"model.aspp_rates must be >= 1, got {list(self.aspp_rates)}")
+            return
         if self.arch not in names:
-            raise ConfigError(f"model.arch {self.arch!r} is unknown; allowed: {', '.join(names)}")
+            raise ConfigError(
+                f"model.arch {self.arch!r} is unknown; allowed: "
+                + ", ".join([*names, *SEGMENTATION_ARCHS])
+            )
         check_buildable(self.arch, (1 << 30, 1 << 30, 3), self.layer_choices(), self.drop_path)
+
+    @property
+    def segmentation(self) -> bool:
+        from pipeline.models.segmentation import SEGMENTATION_ARCHS
+
+        return self.arch in SEGMENTATION_ARCHS
 
     def layer_choices(self):
         """The operator choices as the model builders take them."""
@@ -147,11 +175,16 @@ class TrainConfig:
     clip_norm: float = _num(0.0, ge=0)  # global gradient norm clip; 0 = off
     ema_momentum: float = _num(0.0, ge=0, lt=1)  # EMA of weights, e.g. 0.999; 0 = off
     label_smoothing: float = _num(0.0, ge=0, lt=1)
+    # Segmentation loss (pipeline.losses); classification always uses cross-entropy.
+    loss: Literal["ce", "dice", "focal", "ce_dice"] = "ce"
+    class_weights: Literal["none", "median_frequency"] = "none"  # segmentation
+    focal_gamma: float = _num(2.0, ge=0)
     l1: float = _num(0.0, ge=0)  # kernel penalties of every conv and dense layer
     l2: float = _num(0.0, ge=0)
     max_norm: float = _num(0.0, ge=0)  # max-norm constraint on kernels; 0 = off
     early_stopping_patience: int = _num(0, ge=0)  # epochs without improvement; 0 = off
-    early_stopping_monitor: Literal["val_loss", "val_accuracy", "val_top5"] = "val_loss"
+    # val_accuracy and val_top5: classification; val_miou: segmentation
+    early_stopping_monitor: Literal["val_loss", "val_accuracy", "val_top5", "val_miou"] = "val_loss"
     early_stopping_restore_best: bool = True
     # Transfer learning (pipeline.transfer): start from a registered model
     # (models:/NAME@ALIAS or models:/NAME/VERSION), an MLflow run (runs:/ID/model) or a
@@ -297,13 +330,51 @@ def load(section: str, path: Path = DEFAULT_PARAMS, params: dict[str, Any] | Non
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def load_task(path: Path = DEFAULT_PARAMS, params: dict[str, Any] | None = None) -> str:
+    """The top-level `task` param: classification (default) or segmentation."""
+    if params is None:
+        params = read_params(path)
+    task = params.get("task", TASKS[0])
+    if task not in TASKS:
+        raise ConfigError(f"{path}: task must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+
+def check_task(task: str, model: ModelConfig, train: TrainConfig) -> None:
+    """Keys that only make sense for the other task, named in one line."""
+    segmentation = task == "segmentation"
+    if model.segmentation != segmentation:
+        wanted = "unet or deeplabv3plus" if segmentation else "a classifier"
+        raise ConfigError(f"model.arch {model.arch!r} does not fit task: {task}; use {wanted}")
+    if not segmentation and (train.loss != "ce" or train.class_weights != "none"):
+        raise ConfigError("train.loss and train.class_weights apply to task: segmentation")
+    if segmentation and train.early_stopping_monitor in ("val_accuracy", "val_top5"):
+        raise ConfigError(
+            f"train.early_stopping_monitor: {train.early_stopping_monitor} is a classification "
+            "metric; use val_loss or val_miou"
+        )
+    if not segmentation and train.early_stopping_monitor == "val_miou":
+        raise ConfigError("train.early_stopping_monitor: val_miou needs task: segmentation")
+    if segmentation and train.label_smoothing:
+        raise ConfigError("train.label_smoothing applies to task: classification")
+    if segmentation and train.finetune != "full":
+        raise ConfigError("train.finetune: frozen and progressive apply to classifiers only")
+
+
 def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Every section, validated: for `pipeline check` and for tests."""
+    """Every section and the task, validated together: for `pipeline check` and for tests."""
     params = read_params(path)
-    unknown = sorted(set(params) - set(SECTIONS))
+    unknown = sorted(set(params) - set(SECTIONS) - {"task"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
-    return {name: load(name, path, params) for name in SECTIONS}
+        allowed = ", ".join(["task", *SECTIONS])
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; allowed: {allowed}")
+    configs: dict[str, Any] = {name: load(name, path, params) for name in SECTIONS}
+    configs["task"] = load_task(path, params)
+    try:
+        check_task(configs["task"], configs["model"], configs["train"])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return configs
 
 
 def parse(cls: type, raw: dict[str, Any], prefix: str):

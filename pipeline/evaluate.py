@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,8 @@ def run(
     from pipeline.train import HISTORY_FILE, read_history
 
     card = read_card(prepared_dir)
+    if card.get("task") == "segmentation":
+        return run_segmentation(cfg, card, prepared_dir, model_dir, metrics_dir, plots_dir)
     classes = card["classes"]
     probs, labels = predict_split(
         load_trained_model(model_dir), prepared_dir, "test", cfg.batch_size
@@ -89,3 +92,92 @@ def run(
             [metrics_dir / "eval.json", metrics_dir / "per_class.json"], "metrics"
         )
     return report
+
+
+EXAMPLES = 6  # test images drawn with ground truth and prediction
+METRIC_UNSAFE = re.compile(r"[^\w.-]")  # characters MLflow metric names may not hold
+
+
+def segment_split(model, prepared_dir: Path, split: str, batch_size: int, card: dict):
+    """The split's pixel confusion matrix (void excluded), streamed batch by batch, and the
+    first EXAMPLES (images, masks, predictions)."""
+    from pipeline.data.loader import load_split
+    from pipeline.metrics import PixelConfusion
+
+    images, masks = load_split(prepared_dir, split)
+    if not len(masks):
+        raise DataError(f"{prepared_dir}: the {split} split is empty")
+    confusion = PixelConfusion(card["num_classes"], ignore_index=card["ignore_index"])
+    examples = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+        preds = np.asarray(model.predict_on_batch(batch)).argmax(axis=-1)
+        confusion.update(masks[start : start + batch_size], preds)
+        if len(examples) < EXAMPLES:
+            examples.append(preds[: EXAMPLES - len(examples)])
+    shown = np.concatenate(examples)
+    return confusion.matrix, (images[: len(shown)], masks[: len(shown)], shown)
+
+
+def run_segmentation(
+    cfg: EvaluateConfig,
+    card: dict,
+    prepared_dir: Path,
+    model_dir: Path,
+    metrics_dir: Path,
+    plots_dir: Path,
+) -> dict:
+    """mIoU, Dice, pixel and mean class accuracy over the test split; per-class IoU table,
+    examples of predictions next to ground truth; logged to the training run."""
+    from pipeline import plots, tracking
+    from pipeline.metrics import segmentation_report
+    from pipeline.train import HISTORY_FILE, read_history
+
+    classes = card["classes"]
+    model = load_trained_model(model_dir)
+    cm, (images, masks, preds) = segment_split(model, prepared_dir, "test", cfg.batch_size, card)
+    report = segmentation_report(cm, classes)
+    per_class = report.pop("per_class")
+    write_json(metrics_dir / "eval.json", report)
+    write_json(metrics_dir / "per_class.json", per_class)
+    table = plots_dir / "per_class_iou.csv"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(
+        "class,iou,dice,accuracy,pixels\n"
+        + "".join(
+            f"{name},{_cell(v['iou'])},{_cell(v['dice'])},{_cell(v['accuracy'])},{v['pixels']}\n"
+            for name, v in per_class.items()
+        )
+    )
+    out = plots_dir / IMAGES_DIR
+    figures = [
+        plots.per_class_iou_png(per_class, out / "per_class_iou.png"),
+        plots.segmentation_examples_png(
+            images, masks, preds, classes, card["ignore_index"], out / "test_examples.png"
+        ),
+    ]
+    history_csv = plots_dir / HISTORY_FILE
+    if history_csv.exists():
+        figures.append(
+            plots.training_curves_png(read_history(history_csv), out / "training_curves.png")
+        )
+    run_file = tracking.read_run_file(model_dir)
+    with tracking.reopened_run(run_file["run_id"]):
+        tracking.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
+        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
+        tracking.log_metrics(
+            {
+                "test_iou_" + METRIC_UNSAFE.sub("_", name): v["iou"]
+                for name, v in per_class.items()
+                if v["iou"] is not None
+            }
+        )
+        tracking.log_artifacts(figures + [table], "plots")
+        tracking.log_artifacts(
+            [metrics_dir / "eval.json", metrics_dir / "per_class.json"], "metrics"
+        )
+    return report
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"

@@ -122,6 +122,7 @@ _PANELS = (
         "accuracy",
         [("train", ("train_accuracy", "accuracy")), ("val", ("val_accuracy",))],
     ),
+    ("Mean IoU", "mIoU", [("train", ("train_miou",)), ("val", ("val_miou",))]),
     ("Learning rate", "learning rate", [("learning rate", ("learning_rate", "lr"))]),
 )
 
@@ -255,3 +256,94 @@ def confusion_csv(
         writer.writerow(["actual", "predicted"])
         writer.writerows((names[a], names[p]) for a, p in zip(labels, preds, strict=True))
     return out
+
+
+# --------------------------------------------------------------------------- segmentation
+
+VOID_COLOUR = (0, 0, 0)
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """uint8 RGB per class (matplotlib's tab20, then hsv beyond 20); void is black."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"] if num_classes <= 20 else colormaps["hsv"]
+    steps = np.linspace(0, 1, num_classes, endpoint=num_classes > 20)
+    colours = (np.asarray([cmap(float(t))[:3] for t in steps]) * 255).round()
+    return colours.astype(np.uint8)
+
+
+def colour_mask(mask: np.ndarray, num_classes: int, void: int | None = None) -> np.ndarray:
+    """A class-index map (H, W) as an RGB image (H, W, 3); void (and out of range) black."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[:num_classes] = class_colours(num_classes)
+    if void is not None:
+        palette[void] = VOID_COLOUR
+    return palette[np.clip(mask, 0, 255).astype(np.uint8)]
+
+
+def segmentation_examples_png(
+    images: np.ndarray,
+    masks: np.ndarray,
+    preds: np.ndarray,
+    classes: Sequence[str],
+    void: int,
+    path: str | os.PathLike,
+) -> Path:
+    """One row per image: the input, ground truth, prediction, and the prediction
+    blended over the input; a legend of class colours (void black)."""
+    n = len(images)
+    fig = new_figure(12, 3 * n + 0.8)
+    try:
+        colours = class_colours(len(classes))
+        for row in range(n):
+            image = images[row]
+            rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+            rgb = rgb.astype(np.uint8)
+            truth = colour_mask(masks[row], len(classes), void)
+            predicted = colour_mask(preds[row], len(classes))
+            overlay = (0.5 * rgb + 0.5 * predicted).astype(np.uint8)
+            for col, (title, picture) in enumerate(
+                [("input", rgb), ("ground truth", truth), ("prediction", predicted),
+                 ("overlay", overlay)]
+            ):  # fmt: skip
+                ax = fig.add_subplot(n, 4, row * 4 + col + 1)
+                ax.imshow(picture, interpolation="nearest")
+                ax.set_axis_off()
+                if row == 0:
+                    ax.set_title(title)
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=colours[i] / 255, label=name) for i, name in enumerate(classes)]
+        handles.append(Patch(color=np.array(VOID_COLOUR) / 255, label="void"))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    except BaseException:
+        _close(fig)
+        raise
+    return save_figure(fig, path)
+
+
+def per_class_iou_png(per_class: Mapping[str, Mapping[str, float | None]], path) -> Path:
+    """Bars of IoU and Dice per class (classes with no pixels and no predictions left blank)."""
+    names = list(per_class)
+    iou = [per_class[n]["iou"] or 0.0 for n in names]
+    dice = [per_class[n]["dice"] or 0.0 for n in names]
+    x = np.arange(len(names))
+    fig = new_figure(min(max(6.0, 0.5 * len(names) + 2.0), 30.0), 4.5)
+    try:
+        ax = fig.add_subplot()
+        ax.bar(x - 0.2, iou, 0.4, label="IoU")
+        ax.bar(x + 0.2, dice, 0.4, label="Dice")
+        if len(names) <= MAX_TICK_LABELS:
+            ax.set_xticks(x, labels=names, rotation=45, ha="right")
+        ax.set_ylim(0.0, 1.05)
+        ax.set_ylabel("score")
+        ax.set_title("Per-class IoU and Dice (test)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+    except BaseException:
+        _close(fig)
+        raise
+    return save_figure(fig, path)

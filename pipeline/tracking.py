@@ -174,8 +174,11 @@ def epoch_logger():
     return EpochLogger()
 
 
-def log_model(model, *, input_shape: tuple[int, ...], num_classes: int) -> str:
+def log_model(model, *, input_shape: tuple[int, ...]) -> str:
     """Log the Keras model with a tensor signature; return its model URI.
+
+    Output: (-1, classes) probabilities for a classifier, (-1, H, W, classes) per pixel
+    for a segmentation model.
 
     A signature, not `input_example`, because the latter crashes in mlflow 3.17
     (mlflow#16183). Requirements are given, not inferred: inference reloads the
@@ -189,7 +192,7 @@ def log_model(model, *, input_shape: tuple[int, ...], num_classes: int) -> str:
     mlflow = _mlflow()
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.output.shape[1:]))]),
     )
     info = mlflow.keras.log_model(
         model, name="model", signature=signature, pip_requirements=_requirements(keras)

@@ -106,14 +106,15 @@ def fit_model(
     import keras
 
     from pipeline import transfer
-    from pipeline.augment import BatchAugmenter, check_augment, is_identity
+    from pipeline.augment import BatchAugmenter, MaskAugmenter, check_augment, is_identity
     from pipeline.backend import set_precision
     from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
-    from pipeline.models.registry import build_model
     from pipeline.regularize import add_kernel_regularization
 
     image_shape = tuple(card["image_shape"])
-    check_augment(augment_cfg, image_shape)
+    segmentation = card.get("task") == "segmentation"
+    if not segmentation:
+        check_augment(augment_cfg, image_shape)
     source = transfer.load_source(cfg.init_from) if cfg.init_from else None
     keras.utils.set_random_seed(cfg.seed)
     policy = set_precision(cfg.precision)
@@ -121,25 +122,20 @@ def fit_model(
     val_x, val_y = load_split(prepared_dir, "val")
     check_batch_size(cfg, len(train_y))
     num_classes = card["num_classes"]
-    augment = (
-        None if is_identity(augment_cfg) else BatchAugmenter(augment_cfg, image_shape, cfg.seed)
-    )
-    loader = {"num_classes": num_classes, "workers": cfg.loader_workers}
+    if is_identity(augment_cfg):
+        augment = None
+    elif segmentation:
+        augment = MaskAugmenter(augment_cfg, card["ignore_index"], cfg.seed)
+    else:
+        augment = BatchAugmenter(augment_cfg, image_shape, cfg.seed)
+    # Classification labels become one-hot rows (label smoothing, MixUp); masks stay ids.
+    loader = {"num_classes": None if segmentation else num_classes, "workers": cfg.loader_workers}
     train_batches = ArrayBatches(
         train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **loader
     )
     val_batches = ArrayBatches(val_x, val_y, cfg.batch_size, **loader) if len(val_y) else None
 
-    model = build_model(
-        model_cfg.arch,
-        image_shape,
-        num_classes,
-        dropout=model_cfg.dropout,
-        width_multiplier=model_cfg.width_multiplier,
-        small_input=model_cfg.small_input,
-        choices=model_cfg.layer_choices(),
-        drop_path=model_cfg.drop_path,
-    )
+    model = build(model_cfg, image_shape, num_classes)
     transferred = transfer.copy_matching_weights(source, model) if source is not None else None
     add_kernel_regularization(model, l1=cfg.l1, l2=cfg.l2, max_norm=cfg.max_norm)
 
@@ -159,7 +155,7 @@ def fit_model(
         # the loader must already be on that epoch's shuffle.
         train_batches.set_epoch(max(phase.start, backed_up_epoch(backup_dir)))
         transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
-        compile_for_phase(model, cfg, steps, num_classes, phase.start)
+        compile_for_phase(model, cfg, steps, card, phase.start, train_y if segmentation else None)
         callbacks = [
             EpochOrder(train_batches),
             epoch_seeds_callback(cfg.seed),
@@ -212,10 +208,66 @@ def backed_up_epoch(backup_dir: Path) -> int:
     return int(json.loads(metadata.read_text()).get("epoch", 0))
 
 
-def compile_for_phase(model, cfg: TrainConfig, steps: int, num_classes: int, start_epoch: int):
-    """Compile with a fresh optimizer whose schedule continues at `start_epoch`."""
+def build(model_cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int):
+    """The classifier or segmentation model `model_cfg` names, for this data."""
+    if model_cfg.segmentation:
+        from pipeline.models.segmentation import build_segmentation_model
+
+        return build_segmentation_model(
+            model_cfg.arch,
+            image_shape,
+            num_classes,
+            encoder=model_cfg.encoder,
+            upsampling=model_cfg.upsampling,
+            aspp_rates=model_cfg.aspp_rates,
+            width_multiplier=model_cfg.width_multiplier,
+            dropout=model_cfg.dropout,
+        )
+    from pipeline.models.registry import build_model
+
+    return build_model(
+        model_cfg.arch,
+        image_shape,
+        num_classes,
+        dropout=model_cfg.dropout,
+        width_multiplier=model_cfg.width_multiplier,
+        small_input=model_cfg.small_input,
+        choices=model_cfg.layer_choices(),
+        drop_path=model_cfg.drop_path,
+    )
+
+
+def loss_and_metrics(cfg: TrainConfig, card: dict, train_masks=None) -> tuple:
+    """Classification: (label-smoothed) cross-entropy, accuracy and top-5. Segmentation:
+    `cfg.loss` without void pixels, optional class weights from the training masks, and
+    mean IoU over the epoch's accumulated confusion matrix."""
     import keras
 
+    num_classes = card["num_classes"]
+    if card.get("task") != "segmentation":
+        return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ]
+    from pipeline.losses import SegmentationLoss, median_frequency_weights
+
+    void = card["ignore_index"]
+    weights = None
+    if cfg.class_weights == "median_frequency":
+        weights = median_frequency_weights(train_masks, num_classes, ignore_index=void)
+    loss = SegmentationLoss(
+        cfg.loss, num_classes, ignore_index=void, class_weights=weights, focal_gamma=cfg.focal_gamma
+    )
+    miou = keras.metrics.MeanIoU(
+        num_classes, name="miou", ignore_class=void, sparse_y_true=True, sparse_y_pred=False
+    )
+    return loss, [miou]
+
+
+def compile_for_phase(
+    model, cfg: TrainConfig, steps: int, card: dict, start_epoch: int, train_masks=None
+):
+    """Compile with a fresh optimizer whose schedule continues at `start_epoch`."""
     from pipeline.optim import build_optimizer
     from pipeline.transfer import backbone_variable_paths
 
@@ -225,14 +277,8 @@ def compile_for_phase(model, cfg: TrainConfig, steps: int, num_classes: int, sta
         lr_scaled=backbone_variable_paths(model) if cfg.init_from else (),
         lr_scale=cfg.backbone_lr_scale,
     )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=[
-            keras.metrics.CategoricalAccuracy(name="accuracy"),
-            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-        ],
-    )
+    loss, metrics = loss_and_metrics(cfg, card, train_masks)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     if start_epoch:
         model.optimizer.build(model.trainable_variables)
         model.optimizer.iterations.assign(start_epoch * steps)
@@ -336,12 +382,14 @@ def run(
     out_dir: Path = MODEL_DIR,
     plots_dir: Path = PLOTS_DIR,
     checkpoint_dir: Path = CHECKPOINT_DIR,
+    task: str = "classification",
 ) -> TrainResult:
     """The stage: train inside an MLflow run, then write the model, history and run file."""
     import keras
 
     from pipeline import tracking
-    from pipeline.augment import check_augment
+    from pipeline.augment import check_augment, check_mask_augment
+    from pipeline.config import check_task
     from pipeline.data.atomic import atomic_dir
     from pipeline.data.prepare import read_card
     from pipeline.models.card import model_card
@@ -350,10 +398,18 @@ def run(
 
     card = read_card(prepared_dir)
     # Bad input fails here, before an MLflow run or a file is created.
+    check_prepared_task(task, card, prepared_dir)
+    check_task(task, model_cfg, cfg)
     check_batch_size(cfg, card["totals"]["train"])
     image_shape = tuple(card["image_shape"])
-    check_buildable(model_cfg.arch, image_shape, model_cfg.layer_choices(), model_cfg.drop_path)
-    check_augment(augment_cfg, image_shape)
+    if model_cfg.segmentation:
+        from pipeline.models.segmentation import check_segmentation_buildable
+
+        check_segmentation_buildable(model_cfg.arch, model_cfg.encoder, image_shape)
+        check_mask_augment(augment_cfg)
+    else:
+        check_buildable(model_cfg.arch, image_shape, model_cfg.layer_choices(), model_cfg.drop_path)
+        check_augment(augment_cfg, image_shape)
     check_init_from(cfg.init_from)
     params = {
         **flatten(model_cfg, "model"),
@@ -368,6 +424,7 @@ def run(
         "keras.backend": keras.backend.backend(),
     }
     tags = {
+        "task": task,
         "architecture": model_cfg.arch,
         "data_hash": card["data_hash"],
         "data_source_sha256": card["source"].get("sha256", ""),
@@ -404,9 +461,7 @@ def run(
         tracking.log_metrics(
             {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
         )
-        model_uri = tracking.log_model(
-            model, input_shape=tuple(card["image_shape"]), num_classes=card["num_classes"]
-        )
+        model_uri = tracking.log_model(model, input_shape=tuple(card["image_shape"]))
         with atomic_dir(out_dir) as tmp:
             model.save(tmp / MODEL_FILE)
             (tmp / "summary.txt").write_text(summary + "\n")
@@ -414,6 +469,19 @@ def run(
         write_history(result.history, plots_dir / HISTORY_FILE)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
+
+
+def check_prepared_task(task: str, card: dict, prepared_dir: Path) -> None:
+    """The prepared data must be of the task params.yaml asks for."""
+    from pipeline.errors import ConfigError
+
+    prepared = card.get("task", "classification")
+    if prepared != task:
+        source = "digits" if task == "classification" else "digit_scenes"
+        raise ConfigError(
+            f"task: {task}, but {prepared_dir} holds {prepared} data; fetch and prepare "
+            f"{task} data (e.g. fetch.source: {source})"
+        )
 
 
 def flatten_prepare(card: dict) -> dict[str, object]:

@@ -40,7 +40,7 @@ def register_version(name: str, top1: float) -> str:
     """A real tiny model, logged in a run with `test_top1`, registered as a new version."""
     model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
     with tracking.training_run("exp", run_name="t", params={"p": 1}, tags={}) as run_id:
-        model_uri = tracking.log_model(model, input_shape=(8, 8, 1), num_classes=3)
+        model_uri = tracking.log_model(model, input_shape=(8, 8, 1))
         tracking.log_metrics({"test_top1": top1})
     return tracking.register(
         {"run_id": run_id, "model_uri": model_uri}, name, metrics={"test_top1": top1}
@@ -88,7 +88,7 @@ def test_logged_model_predicts_like_keras(store):
 
     model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
     with tracking.training_run("exp", run_name="t", params={}, tags={}):
-        uri = tracking.log_model(model, input_shape=(8, 8, 1), num_classes=3)
+        uri = tracking.log_model(model, input_shape=(8, 8, 1))
     images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 1)).astype(np.float32)
     loaded = mlflow.pyfunc.load_model(uri)
     np.testing.assert_allclose(

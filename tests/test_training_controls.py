@@ -59,7 +59,7 @@ def test_max_norm_caps_each_units_incoming_weights_after_updates():
 
 def test_label_smoothing_is_in_the_training_loss():
     model = build_model("simple_cnn", (16, 16, 1), 4, width_multiplier=0.25)
-    compile_for_phase(model, replace(SHORT, label_smoothing=0.2), 10, 4, 0)
+    compile_for_phase(model, replace(SHORT, label_smoothing=0.2), 10, {"num_classes": 4}, 0)
     perfect = np.eye(4, dtype="float32")
     loss = float(keras.ops.convert_to_numpy(model.loss(perfect, perfect * 0.999 + 0.00025)))
     assert loss > 0.2  # without smoothing it would be ~0.001

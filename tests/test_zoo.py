@@ -101,7 +101,7 @@ def test_model_trains_saves_reloads_and_logs(name, store, tmp_path):
     import mlflow
 
     with tracking.training_run("zoo", run_name=name, params={"model.arch": name}, tags={}):
-        uri = tracking.log_model(model, input_shape=shape, num_classes=NUM_CLASSES)
+        uri = tracking.log_model(model, input_shape=shape)
     logged = mlflow.keras.load_model(uri)
     np.testing.assert_allclose(predict(logged), probs, rtol=1e-4, atol=1e-5)
     keras.backend.clear_session()

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.models.applications import ADAPTERS
-from pipeline.models.blocks import LayerChoices
+from pipeline.models.blocks import BN_MOMENTUM, LayerChoices
 from pipeline.models.registry import build_model, get_spec
 
 # Published trainable parameters at the ImageNet configuration (1000 classes).
@@ -63,6 +63,9 @@ def test_small_input_keeps_resolution_and_predicts(name: str) -> None:
     small = build_model(name, (32, 32, 3), 10, small_input=True)
     # Stem and first downsampling at stride 1: 32x32 -> 4x4 instead of 1x1.
     assert final_map(small) == (4, 4)
+    # BatchNorm statistics follow a short run (Keras's 0.99/0.999 would not).
+    norms = [layer for layer in small.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.momentum == BN_MOMENTUM == 0.9 for layer in norms)
     check_probabilities(small, 32)
     if name in ("efficientnet_b1", "efficientnet_b2", "efficientnet_b3"):
         return  # same layers restrided as efficientnet_b0: spare the time

@@ -18,6 +18,10 @@ rescaling, then replays the application's graph once through
   as resnet18's small_input does: a 4x4 final map at 32x32 instead of 1x1.
   Inception v3 keeps its ImageNet stem (its 'valid' convolutions and pools
   need 75x75 inputs whatever the strides): small_input does not apply to it;
+- BatchNorm momentum: set to the zoo's 0.9 (PyTorch's 0.1). The applications use
+  0.99 or 0.999, tuned for long ImageNet runs: after a few hundred steps their
+  moving statistics still hold their initial values, and validation accuracy
+  of a short CIFAR run sits at chance while training accuracy climbs;
 - `width_multiplier`: passed as `alpha` to MobileNet v1/v2/v3 (any value
   works with weights=None); the other families have no width argument, so
   every convolution's and dense layer's channel count in the backbone is
@@ -40,7 +44,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pipeline.models.blocks import DEFAULT_CHOICES, classifier_head, image_input, probabilities
+from pipeline.models.blocks import (
+    BN_MOMENTUM,
+    DEFAULT_CHOICES,
+    classifier_head,
+    image_input,
+    probabilities,
+)
 from pipeline.models.blocks import scaled_width as _scaled_width
 from pipeline.models.registry import register_model
 
@@ -192,6 +202,8 @@ class _Replay:
             return type(layer).from_config(config)  # a stateless op such as `x + 3.0`
         if layer.name in self.stride_one:
             config.update(strides=(1, 1), padding="same")
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config["momentum"] = BN_MOMENTUM
         if self.scale != 1.0:
             self._scale_channels(layer, config)
         config["name"] = self._rename(layer)

@@ -55,6 +55,11 @@ def build_segmentation_model(
     )
 
 
+def check_segmentation_buildable(arch: str, encoder: str, input_shape) -> None:
+    """Refuse an input side the model cannot halve often enough, before training starts."""
+    _check_divisible(input_shape, 16 if encoder == PLAIN else 32, arch)
+
+
 def encoder_features(encoder: str, input_shape: tuple[int, int, int], width_multiplier: float):
     """The zoo model `encoder`'s input and {output stride: feature map} for strides 2..32."""
     from pipeline.models.registry import build_model

@@ -1,0 +1,83 @@
+"""Segmentation training on real (small) data: digit scenes, joint augmentation, the stages."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.augment import MaskAugmenter
+from pipeline.config import AugmentConfig, FetchConfig, ModelConfig, PrepareConfig, TrainConfig
+from pipeline.data import fetch, prepare
+from pipeline.data.prepare import VOID, read_card
+from pipeline.errors import ConfigError
+from pipeline.train import fit_model
+
+UNET = ModelConfig(arch="unet", width_multiplier=0.25, dropout=0.0)
+SHORT = TrainConfig(epochs=3, batch_size=32, warmup_epochs=1, learning_rate=0.01, loss="ce_dice")
+
+
+@pytest.fixture(scope="module")
+def scenes_prepared(tmp_path_factory):
+    """Digit scenes fetched and prepared at 32x32x1."""
+    base = tmp_path_factory.mktemp("scenes")
+    fetch.run(FetchConfig(source="digit_scenes"), base / "raw")
+    prepare.run(PrepareConfig(image_size=32, channels=1), base / "raw", base / "prepared")
+    return base / "prepared"
+
+
+def test_unet_learns_digit_scenes_and_logs_miou(scenes_prepared, tmp_path):
+    card = read_card(scenes_prepared)
+    result = fit_model(UNET, SHORT, scenes_prepared, card, checkpoint_dir=tmp_path / "ckpt")
+    history = result.history
+    assert {"train_miou", "val_miou", "train_loss", "val_loss"} <= set(history)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert history["val_miou"][-1] > history["val_miou"][0]
+    assert result.model.output.shape[1:] == (32, 32, card["num_classes"])
+
+
+def test_joint_augmentation_keeps_image_and_mask_aligned(scenes_prepared):
+    from pipeline.data.loader import load_split
+
+    images, masks = load_split(scenes_prepared, "train")
+    images, masks = np.asarray(images[:16], np.float32), np.asarray(masks[:16])
+    augment = MaskAugmenter(AugmentConfig(flip=True, zoom=0.3, crop_padding=2), VOID, seed=1)
+    out_images, out_masks = augment(images, masks, epoch=0, index=0)
+    assert out_images.shape == images.shape and out_masks.shape == masks.shape
+    assert not np.array_equal(out_masks, masks)
+    # Nearest neighbour only: no value that was not a class or void appears.
+    assert set(np.unique(out_masks)) <= set(np.unique(masks)) | {VOID}
+    # Digit ink stays under its label: labelled digit pixels are bright in the image.
+    ink = (out_masks > 0) & (out_masks != VOID)
+    assert np.mean(out_images[..., 0][ink] > 100) > 0.95
+    again_images, again_masks = augment(images, masks, epoch=0, index=0)
+    np.testing.assert_array_equal(again_masks, out_masks)  # a function of (seed, epoch, batch)
+
+
+def test_classification_only_knobs_are_refused_for_segmentation(scenes_prepared, tmp_path):
+    from pipeline.config import MlflowConfig
+    from pipeline.train import run
+
+    bad = [
+        (UNET, replace(SHORT, label_smoothing=0.1), AugmentConfig(), "label_smoothing"),
+        (UNET, SHORT, AugmentConfig(mixup_alpha=0.2), "mixup_alpha"),
+        (UNET, SHORT, AugmentConfig(rotate=10), "augment.rotate"),
+        (ModelConfig(), SHORT, AugmentConfig(), "does not fit task: segmentation"),
+    ]
+    for model_cfg, train_cfg, augment_cfg, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            run(
+                model_cfg,
+                train_cfg,
+                MlflowConfig(),
+                augment_cfg=augment_cfg,
+                prepared_dir=scenes_prepared,
+                out_dir=tmp_path / "model",
+                task="segmentation",
+            )
+    with pytest.raises(ConfigError, match="holds segmentation data"):
+        run(UNET, SHORT, MlflowConfig(), prepared_dir=scenes_prepared, task="classification")
+    assert not (tmp_path / "model").exists()
+    keras.backend.clear_session()
