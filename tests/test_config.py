@@ -39,8 +39,9 @@ def write_params(path: Path, params) -> Path:
 
 def test_shipped_params_validate() -> None:
     loaded = config.load_all(PARAMS)
-    assert set(loaded) == set(config.SECTIONS)
+    assert set(loaded) == {*config.SECTIONS, "task"}
     raw = shipped()
+    assert loaded["task"] == raw.pop("task") == "classification"
     # Every value written in params.yaml arrives in its config object unchanged.
     for section, values in raw.items():
         for key, value in values.items():
@@ -115,6 +116,28 @@ BAD_CASES = [
         ["fetch.url", "archive"],
     ),
     ("sha256-not-hex", with_value("fetch", "sha256", "xyz" * 20), ["fetch.sha256", "64 hex"]),
+    ("task-unknown", {**shipped(), "task": "detection"}, ["task", "segmentation", "'detection'"]),
+    ("unet-for-classification", with_value("model", "arch", "unet"), ["model.arch", "'unet'"]),
+    (
+        "classifier-for-segmentation",
+        {**shipped(), "task": "segmentation"},
+        ["model.arch", "'simple_cnn'", "task: segmentation", "unet"],
+    ),
+    (
+        "unknown-encoder",
+        {**shipped(), "model": {**shipped()["model"], "arch": "unet", "encoder": "resnet9"}},
+        ["model.encoder", "'resnet9'", "plain", "resnet18"],
+    ),
+    (
+        "deeplab-without-encoder",
+        with_value("model", "arch", "deeplabv3plus"),
+        ["model.encoder", "deeplabv3plus", "zoo encoder"],
+    ),
+    (
+        "dice-for-classification",
+        with_value("train", "loss", "dice"),
+        ["train.loss", "task: segmentation"],
+    ),
     ("not-yaml", "train: [unclosed\n", ["bad.yaml", "not valid YAML"]),
     ("top-level-list", "- train\n- model\n", ["bad.yaml", "mapping", "list"]),
 ]
