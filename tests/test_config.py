@@ -226,3 +226,29 @@ def test_cli_train_fails_before_writing_anything(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
     for name in ("data", "mlflow.db", "mlartifacts"):
         assert not (tmp_path / name).exists()
+
+
+def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads() -> None:
+    """A param a stage reads but dvc.yaml omits would not rerun the stage when changed;
+    one listed but not read would rerun it for nothing."""
+    import dataclasses
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    reads = {
+        "fetch": ["fetch"],
+        "prepare": ["prepare"],
+        "train": ["model", "train", "augment", "mlflow"],
+        "evaluate": ["evaluate"],
+        "register": ["register"],
+    }
+    for stage, sections in reads.items():
+        expected = {
+            f"{section}.{f.name}"
+            for section in sections
+            for f in dataclasses.fields(config.SECTIONS[section])
+        }
+        if stage == "train":
+            expected.add("task")
+        if stage == "register":  # the gate (metric, higher_is_better) is read by promote
+            expected = {"register.model_name"}
+        assert set(stages[stage]["params"]) == expected, stage
