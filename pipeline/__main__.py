@@ -51,6 +51,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline import evaluate
 
     report = evaluate.run(config.load("evaluate", args.params))
+    if "test_miou" in report:
+        print(
+            f"evaluate: test mIoU {report['test_miou']:.4f}, mean Dice "
+            f"{report['test_mean_dice']:.4f}, pixel accuracy {report['test_pixel_accuracy']:.4f}"
+        )
+        return
     print(
         f"evaluate: test top-1 {report['test_top1']:.4f}, top-5 {report['test_top5']:.4f}, "
         f"loss {report['test_loss']:.4f}"
