@@ -341,3 +341,48 @@ def test_killed_repro_resumes_and_ends_with_the_uninterrupted_metrics(project):
     assert run.data.metrics["test_top1"] == reference["test_top1"]
     steps = client(project).get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted({m.step for m in steps}) == [0, 1, 2, 3, 4]
+
+
+def test_segmentation_experiment_runs_through_the_same_stages(project):
+    """`task: segmentation` on the offline digit scenes: the README's command, small."""
+    sh(
+        [
+            "dvc", "exp", "run", "-n", "scenes-unet",
+            "-S", "task=segmentation",
+            "-S", "fetch.source=digit_scenes",
+            "-S", "prepare.image_size=32",
+            "-S", "model.arch=unet",
+            "-S", "model.width_multiplier=0.25",
+            "-S", "train.epochs=2",
+            "-S", "train.warmup_epochs=1",
+            "-S", "train.loss=ce_dice",
+            "-S", "augment.flip=true",
+            "-S", "mlflow.experiment=scenes",
+            "-S", "register.model_name=scenes-segmenter",
+            "-S", "register.metric=test_miou",
+        ],
+        project,
+    )  # fmt: skip
+    metrics = read_metrics(project)
+    assert {"test_miou", "test_mean_dice", "test_pixel_accuracy"} <= set(metrics)
+    assert "test_top1" not in metrics
+    per_class = json.loads((project / "metrics" / "per_class.json").read_text())
+    assert list(per_class)[0] == "background" and len(per_class) == 11
+
+    c = client(project)
+    (run,) = c.search_runs([c.get_experiment_by_name("scenes").experiment_id])
+    assert run.data.tags["task"] == "segmentation"
+    assert run.data.params["model.arch"] == "unet" and run.data.params["train.loss"] == "ce_dice"
+    assert run.data.metrics["test_miou"] == pytest.approx(metrics["test_miou"])
+    assert "val_miou" in run.data.metrics and "test_iou_background" in run.data.metrics
+    plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/test_examples.png", "plots/per_class_iou.csv"} <= plots
+    version = c.get_model_version_by_alias("scenes-segmenter", "challenger")
+    assert float(version.tags["test_miou"]) == pytest.approx(metrics["test_miou"])
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/scenes-segmenter@challenger")
+    pixels = np.zeros((2, 32, 32, 1), dtype=np.float32)
+    assert np.asarray(model.predict(pixels)).shape == (2, 32, 32, 11)
