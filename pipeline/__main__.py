@@ -89,6 +89,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"compare: report in {out / 'report.md'}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from pipeline import predict
+
+    count = predict.run(args.images, args.out)
+    print(f"predict: {count} images -> {args.out}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     """Print the model card of each registered architecture (a table, or JSON)."""
     import json
@@ -135,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, help="report folder (default: reports/EXPERIMENT)")
     compare.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     compare.set_defaults(func=cmd_compare)
+    predict = commands.add_parser(
+        "predict",
+        help="the trained model on a folder of images (classes CSV, or colour-coded masks)",
+    )
+    predict.add_argument("images", type=Path, help="folder of images (searched recursively)")
+    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    predict.set_defaults(func=cmd_predict)
     models = commands.add_parser(
         "models", help="model card per architecture: params, MACs, depth, receptive field"
     )

@@ -134,6 +134,15 @@ def test_challenger_loads_with_pyfunc_and_matches_eval(project):
     assert top1 == pytest.approx(read_metrics(project)["test_top1"])
 
 
+def test_predict_classifies_a_folder_of_images(project):
+    done = run_cli(["predict", "data/raw/3", "--out", "preds"], project)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = (project / "preds" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "file,class,probability" and len(rows) == 1 + 183  # digits has 183 threes
+    assert sum(row.split(",")[1] == "3" for row in rows[1:]) > 0.95 * 183
+    shutil.rmtree(project / "preds")
+
+
 def test_second_repro_is_a_no_op(project):
     out = sh(["dvc", "repro"], project).stdout
     assert "Running stage" not in out
@@ -386,3 +395,17 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
     model = mlflow.pyfunc.load_model("models:/scenes-segmenter@challenger")
     pixels = np.zeros((2, 32, 32, 1), dtype=np.float32)
     assert np.asarray(model.predict(pixels)).shape == (2, 32, 32, 11)
+
+    # Colour-coded masks for a folder, back at the images' own 64x64.
+    done = run_cli(["predict", "data/raw/test/images", "--out", "scene-masks"], project)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from PIL import Image
+
+    out = project / "scene-masks"
+    assert len(list(out.glob("*_classes.png"))) == 200
+    indices = np.asarray(Image.open(out / "0000_classes.png"))
+    assert indices.shape == (64, 64) and indices.max() < 11
+    assert np.asarray(Image.open(out / "0000.png")).shape == (64, 64, 3)
+    legend = (out / "classes.csv").read_text().splitlines()
+    assert legend[1].startswith("0,background,")
+    shutil.rmtree(out)
