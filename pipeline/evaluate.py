@@ -13,6 +13,7 @@ from pipeline.data.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 from pipeline.errors import DataError
 
 IMAGES_DIR = "images"
+TABLES_DIR = "tables"  # one DVC output whatever the task: confusion.csv or per_class_iou.csv
 
 
 def load_trained_model(model_dir: Path = MODEL_DIR):
@@ -76,7 +77,7 @@ def run(
             plots.training_curves_png(read_history(history_csv), images / "training_curves.png")
         )
     confusion = plots.confusion_csv(
-        labels, probs.argmax(axis=1), classes, plots_dir / "confusion.csv"
+        labels, probs.argmax(axis=1), classes, plots_dir / TABLES_DIR / "confusion.csv"
     )
 
     run_file = tracking.read_run_file(model_dir)
@@ -140,7 +141,7 @@ def run_segmentation(
     per_class = report.pop("per_class")
     write_json(metrics_dir / "eval.json", report)
     write_json(metrics_dir / "per_class.json", per_class)
-    table = plots_dir / "per_class_iou.csv"
+    table = plots_dir / TABLES_DIR / "per_class_iou.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(
         "class,iou,dice,accuracy,pixels\n"
