@@ -3,9 +3,9 @@
 Reads every finished training run of the MLflow experiment (a queued DVC grid
 is one experiment) and writes to `reports/<experiment>/`:
 
-- `report.md`: a table per run (architecture, the settings that vary across the
-  runs, DVC experiment, test top-1, parameters, MACs, training images/s, final
-  train-val accuracy gap);
+- `report.md`: a table per run, labelled by its DVC experiment name (architecture,
+  the settings that vary across the runs, grid, test top-1, parameters, MACs,
+  training images/s, final train-val accuracy gap);
 - `top1_vs_params.png`, `top1_vs_throughput.png`: accuracy against size and cost;
 - `learning_curves.png`: validation accuracy per epoch, runs overlaid;
 - `train_val_gap.png`: the final train minus validation accuracy per run;
@@ -88,16 +88,16 @@ def markdown(experiment: str, rows: list[dict]) -> str:
         "",
         f"{len(rows)} runs, best test top-1 first.",
         "",
-        "| run | arch | settings | grid | DVC experiment | test top-1 | params | MMACs "
-        "| train img/s | train-val gap |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| run | arch | settings | grid | test top-1 | params | MMACs | train img/s "
+        "| train-val gap |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     ordered = sorted(rows, key=lambda r: -(r["test_top1"] if r["test_top1"] is not None else -1))
     for r in ordered:
         macs = r["macs"] / 1e6 if r["macs"] is not None else None
         settings = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in r["settings"].items())
         lines.append(
-            f"| {r['run']} | {r['arch']} | {settings} | {r['grid']} | {r['dvc_experiment']} "
+            f"| {r['run']} | {r['arch']} | {settings} | {r['grid']} "
             f"| {_fmt(r['test_top1'], '.4f')} | {_fmt(r['params'], ',.0f')} | {_fmt(macs, ',.1f')} "
             f"| {_fmt(r['images_per_second'], ',.0f')} | {_fmt(r['train_val_gap'], '+.3f')} |"
         )
