@@ -118,7 +118,7 @@ def charts(rows: list[dict], out_dir: Path) -> list[Path]:
     written = []
     for key, label, name, log_x in (
         ("params", "parameters", "top1_vs_params.png", True),
-        ("images_per_second", "training images/s", "top1_vs_throughput.png", False),
+        ("images_per_second", "training images/s", "top1_vs_throughput.png", True),
     ):
         fig = new_figure(6, 4.5)
         ax = fig.add_subplot()
@@ -133,11 +133,17 @@ def charts(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         written.append(save_figure(fig, out_dir / name))
 
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
-    for r in rows:
+    palette = colormaps["tab20"]
+    for i, r in enumerate(rows):
         if r["val_accuracy"]:
-            ax.plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], label=r["run"])
+            epochs = range(1, len(r["val_accuracy"]) + 1)
+            ax.plot(epochs, r["val_accuracy"], label=r["run"], color=palette(i % 20), marker=".")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
