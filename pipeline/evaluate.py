@@ -140,7 +140,7 @@ def run_segmentation(
     report = segmentation_report(cm, classes)
     per_class = report.pop("per_class")
     write_json(metrics_dir / "eval.json", report)
-    write_json(metrics_dir / "per_class.json", per_class)
+    write_json(metrics_dir / "per_class.json", per_class, sort_keys=False)  # label order
     table = plots_dir / TABLES_DIR / "per_class_iou.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(

@@ -302,12 +302,14 @@ def early_stopping(cfg: TrainConfig) -> list:
 def inference_copy(model):
     """`model` without its optimizer and compile config: what is saved and served.
 
-    Smaller (no optimizer slots) and loadable anywhere: the training optimizer
-    may be a class of this package (differential learning rates).
+    Smaller (no optimizer slots) and loadable anywhere: the training loss, optimizer
+    and schedule may be classes of this package (SegmentationLoss, differential
+    learning rates, one-cycle). Rebuilt from its config, not `clone_model`, which
+    compiles the clone like the original.
     """
     import keras
 
-    copy = keras.models.clone_model(model)
+    copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
 

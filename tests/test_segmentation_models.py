@@ -37,8 +37,21 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite MLflow store for the module (the default store of a temp project)."""
+    import os
+
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path_factory.mktemp("segmentation-store"))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mp.undo()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it
+
+
 @pytest.mark.parametrize(("arch", "encoder", "upsampling"), CASES)
-def test_model_trains_a_step_and_survives_save_and_load(arch, encoder, upsampling, tmp_path):
+def test_model_trains_a_step_saves_reloads_and_logs(arch, encoder, upsampling, store, tmp_path):
     model = build_segmentation_model(
         arch, SHAPE, NUM_CLASSES, encoder=encoder, upsampling=upsampling, width_multiplier=0.25
     )
@@ -65,6 +78,15 @@ def test_model_trains_a_step_and_survives_save_and_load(arch, encoder, upsamplin
     model.save(path)
     reloaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(reloaded.predict_on_batch(images), probs, rtol=1e-4, atol=1e-5)
+
+    import mlflow
+
+    from pipeline import tracking
+
+    with tracking.training_run("segmentation", run_name=arch, params={}, tags={}):
+        uri = tracking.log_model(model, input_shape=SHAPE)
+    logged = mlflow.keras.load_model(uri)
+    np.testing.assert_allclose(logged.predict_on_batch(images), probs, rtol=1e-4, atol=1e-5)
     keras.backend.clear_session()
 
 

@@ -63,6 +63,32 @@ def test_fit_learns_and_records_history(digits_prepared, tmp_path):
     assert lr[2] == pytest.approx(0, abs=1e-6)
 
 
+def test_saved_model_has_no_training_config_and_loads_without_this_package(
+    digits_prepared, tmp_path
+):
+    """The saved/logged model is the inference graph: no optimizer, loss or schedule of
+    this package, so plain Keras in another process loads it (one-cycle is our class)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from pipeline.train import inference_copy
+
+    cfg = replace(SHORT, epochs=1, schedule="onecycle")
+    model = fit_model(
+        SMALL_MODEL, cfg, digits_prepared, read_card(digits_prepared), checkpoint_dir=tmp_path / "c"
+    ).model
+    path = tmp_path / "model.keras"
+    inference_copy(model).save(path)
+    config = json.loads(zipfile.ZipFile(path).read("config.json"))
+    assert not config.get("compile_config")
+    code = "import sys, keras; keras.saving.load_model(sys.argv[1]); print('loaded')"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.strip() == "loaded", done.stderr[-2000:]
+
+
 def test_auto_precision_is_float32_on_cpu():
     assert resolve_precision("auto") == "float32"
     assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"

@@ -50,10 +50,11 @@ def _swap_into_place(new: Path, target: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: object) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+def write_json(path: Path, data: object, *, sort_keys: bool = True) -> None:
+    """Write JSON through a temporary file and an atomic rename (keys sorted unless the
+    order means something, like classes in label order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)
