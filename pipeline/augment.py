@@ -121,13 +121,23 @@ def build_layers(cfg: AugmentConfig) -> dict:
 
 def pad_and_random_crop(images: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
     """Reflect-pad each image by `padding` and crop it back at its own random offset."""
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), "reflect")
+    return _pad_and_crop(images, None, padding, 0, rng)[0]
+
+
+def _pad_and_crop(images, masks, padding: int, void: int, rng: np.random.Generator):
+    """Reflect-pad images (and void-pad masks, if given) by `padding`; crop each pair back
+    at one random offset per image."""
+    n, h, w = images.shape[:3]
+    pad = ((0, 0), (padding, padding), (padding, padding))
     dy = rng.integers(0, 2 * padding + 1, n)
     dx = rng.integers(0, 2 * padding + 1, n)
-    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
-    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    picked = np.arange(n)[:, None, None]
+    rows = (dy[:, None] + np.arange(h)[None, :])[:, :, None]
+    cols = (dx[:, None] + np.arange(w)[None, :])[:, None, :]
+    images = np.pad(images, (*pad, (0, 0)), "reflect")[picked, rows, cols]
+    if masks is not None:
+        masks = np.pad(masks, pad, constant_values=void)[picked, rows, cols]
+    return images, masks
 
 
 def _reseed(layer, rng: np.random.Generator) -> None:
@@ -181,7 +191,7 @@ class MaskAugmenter:
                 scale = rng.uniform(1 - self.cfg.zoom, 1 + self.cfg.zoom)
                 images[i], masks[i] = _scale_and_crop(images[i], masks[i], scale, self.void, rng)
         if self.cfg.crop_padding:
-            images, masks = _pad_and_crop_pair(images, masks, self.cfg.crop_padding, self.void, rng)
+            images, masks = _pad_and_crop(images, masks, self.cfg.crop_padding, self.void, rng)
         return images, masks
 
 
@@ -208,17 +218,3 @@ def _scale_and_crop(image, mask, scale: float, void: int, rng: np.random.Generat
     out[ys, xs] = scaled[src]
     out_mask[ys, xs] = scaled_mask[src]
     return out, out_mask
-
-
-def _pad_and_crop_pair(images, masks, padding: int, void: int, rng: np.random.Generator):
-    """pad_and_random_crop for images (reflect) with the same offsets for masks (void pad)."""
-    n, h, w = masks.shape
-    pad = ((0, 0), (padding, padding), (padding, padding))
-    padded = np.pad(images, (*pad, (0, 0)), "reflect")
-    padded_masks = np.pad(masks, pad, constant_values=void)
-    dy = rng.integers(0, 2 * padding + 1, n)
-    dx = rng.integers(0, 2 * padding + 1, n)
-    rows = (dy[:, None] + np.arange(h)[None, :])[:, :, None]
-    cols = (dx[:, None] + np.arange(w)[None, :])[:, None, :]
-    picked = np.arange(n)[:, None, None]
-    return padded[picked, rows, cols], padded_masks[picked, rows, cols]

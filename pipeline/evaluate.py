@@ -49,10 +49,9 @@ def run(
     plots_dir: Path = PLOTS_DIR,
 ) -> dict:
     """Write metrics/eval.json, per-class figures and plots; log them to the training run."""
-    from pipeline import plots, tracking
+    from pipeline import plots
     from pipeline.data.prepare import read_card
     from pipeline.metrics import classification_report
-    from pipeline.train import HISTORY_FILE, read_history
 
     card = read_card(prepared_dir)
     if card.get("task") == "segmentation":
@@ -63,32 +62,45 @@ def run(
     )
     report, cm = classification_report(probs, labels, classes)
     per_class = report.pop("per_class")
-    write_json(metrics_dir / "eval.json", report)
-    write_json(metrics_dir / "per_class.json", per_class)
-
     images = plots_dir / IMAGES_DIR
-    figures = [
+    files = [
         plots.confusion_matrix_png(cm, classes, images / "confusion_matrix.png"),
         plots.per_class_png(per_class, images / "per_class.png"),
+        plots.confusion_csv(
+            labels, probs.argmax(axis=1), classes, plots_dir / TABLES_DIR / "confusion.csv"
+        ),
     ]
+    return record(cfg, report, per_class, files, model_dir, metrics_dir, plots_dir)
+
+
+def record(
+    cfg: EvaluateConfig,
+    report: dict,
+    per_class: dict,
+    files: list[Path],
+    model_dir: Path,
+    metrics_dir: Path,
+    plots_dir: Path,
+    extra_metrics: dict[str, float] | None = None,
+) -> dict:
+    """Write eval.json and per_class.json (label order), add the training curves, and log
+    it all to the training run; return `report`."""
+    from pipeline import plots, tracking
+    from pipeline.train import HISTORY_FILE, read_history
+
+    write_json(metrics_dir / "eval.json", report)
+    write_json(metrics_dir / "per_class.json", per_class, sort_keys=False)
     history_csv = plots_dir / HISTORY_FILE
     if history_csv.exists():
-        figures.append(
-            plots.training_curves_png(read_history(history_csv), images / "training_curves.png")
-        )
-    confusion = plots.confusion_csv(
-        labels, probs.argmax(axis=1), classes, plots_dir / TABLES_DIR / "confusion.csv"
-    )
-
+        curves = plots_dir / IMAGES_DIR / "training_curves.png"
+        files = [*files, plots.training_curves_png(read_history(history_csv), curves), history_csv]
     run_file = tracking.read_run_file(model_dir)
     with tracking.reopened_run(run_file["run_id"]):
         # Tags, not params: params are immutable and a cached training run may be re-evaluated.
         tracking.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
-        tracking.log_artifacts(figures, "plots")
-        tracking.log_artifacts(
-            [confusion] + ([history_csv] if history_csv.exists() else []), "plots"
-        )
+        tracking.log_metrics(extra_metrics or {})
+        tracking.log_artifacts(files, "plots")
         tracking.log_artifacts(
             [metrics_dir / "eval.json", metrics_dir / "per_class.json"], "metrics"
         )
@@ -130,17 +142,14 @@ def run_segmentation(
 ) -> dict:
     """mIoU, Dice, pixel and mean class accuracy over the test split; per-class IoU table,
     examples of predictions next to ground truth; logged to the training run."""
-    from pipeline import plots, tracking
+    from pipeline import plots
     from pipeline.metrics import segmentation_report
-    from pipeline.train import HISTORY_FILE, read_history
 
     classes = card["classes"]
     model = load_trained_model(model_dir)
     cm, (images, masks, preds) = segment_split(model, prepared_dir, "test", cfg.batch_size, card)
     report = segmentation_report(cm, classes)
     per_class = report.pop("per_class")
-    write_json(metrics_dir / "eval.json", report)
-    write_json(metrics_dir / "per_class.json", per_class, sort_keys=False)  # label order
     table = plots_dir / TABLES_DIR / "per_class_iou.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(
@@ -151,33 +160,19 @@ def run_segmentation(
         )
     )
     out = plots_dir / IMAGES_DIR
-    figures = [
+    files = [
         plots.per_class_iou_png(per_class, out / "per_class_iou.png"),
         plots.segmentation_examples_png(
             images, masks, preds, classes, card["ignore_index"], out / "test_examples.png"
         ),
+        table,
     ]
-    history_csv = plots_dir / HISTORY_FILE
-    if history_csv.exists():
-        figures.append(
-            plots.training_curves_png(read_history(history_csv), out / "training_curves.png")
-        )
-    run_file = tracking.read_run_file(model_dir)
-    with tracking.reopened_run(run_file["run_id"]):
-        tracking.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
-        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
-        tracking.log_metrics(
-            {
-                "test_iou_" + METRIC_UNSAFE.sub("_", name): v["iou"]
-                for name, v in per_class.items()
-                if v["iou"] is not None
-            }
-        )
-        tracking.log_artifacts(figures + [table], "plots")
-        tracking.log_artifacts(
-            [metrics_dir / "eval.json", metrics_dir / "per_class.json"], "metrics"
-        )
-    return report
+    per_class_iou = {
+        "test_iou_" + METRIC_UNSAFE.sub("_", name): v["iou"]
+        for name, v in per_class.items()
+        if v["iou"] is not None
+    }
+    return record(cfg, report, per_class, files, model_dir, metrics_dir, plots_dir, per_class_iou)
 
 
 def _cell(value: float | None) -> str:

@@ -88,11 +88,11 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den elementwise, 0 where den == 0, without a division warning."""
+def _safe_divide(num: np.ndarray, den: np.ndarray, undefined: float = 0.0) -> np.ndarray:
+    """num / den elementwise, `undefined` where den == 0, without a division warning."""
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
-    out = np.zeros_like(num)
+    out = np.full_like(num, undefined)
     np.divide(num, den, out=out, where=den != 0)
     return out
 
@@ -203,9 +203,9 @@ def segmentation_report(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     in_labels = cm.sum(axis=1).astype(np.float64)
     in_preds = cm.sum(axis=0).astype(np.float64)
     union = in_labels + in_preds - tp
-    iou = _divide_or_nan(tp, union)
-    dice = _divide_or_nan(2 * tp, in_labels + in_preds)
-    accuracy = _divide_or_nan(tp, in_labels)
+    iou = _safe_divide(tp, union, np.nan)
+    dice = _safe_divide(2 * tp, in_labels + in_preds, np.nan)
+    accuracy = _safe_divide(tp, in_labels, np.nan)
     return {
         "test_miou": float(np.nanmean(iou)),
         "test_mean_dice": float(np.nanmean(dice)),
@@ -222,12 +222,6 @@ def segmentation_report(cm: np.ndarray, class_names: Sequence[str]) -> dict:
             for i, name in enumerate(names)
         },
     }
-
-
-def _divide_or_nan(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    out = np.full_like(num, np.nan, dtype=np.float64)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
 
 
 def _float_or_none(value: float) -> float | None:

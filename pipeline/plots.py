@@ -198,20 +198,31 @@ def per_class_png(
     Takes the `per_class` part of `metrics.classification_report`: {name:
     {"precision": .., "recall": .., ...}}, in the order given.
     """
-    if not report_per_class:
+    return _per_class_bars(
+        report_per_class, ("precision", "recall"), "Per-class precision and recall", path
+    )
+
+
+def _per_class_bars(
+    per_class: Mapping[str, Mapping[str, float | None]],
+    keys: Sequence[str],
+    title: str,
+    path: str | os.PathLike,
+) -> Path:
+    """One group of bars per class, one bar per key (an undefined value draws none)."""
+    if not per_class:
         raise ValueError("per-class report is empty")
-    names = [str(n) for n in report_per_class]
-    precision = [float(v["precision"]) for v in report_per_class.values()]
-    recall = [float(v["recall"]) for v in report_per_class.values()]
+    names = [str(n) for n in per_class]
     n = len(names)
     x = np.arange(n)
-    width = 0.4
+    width = 0.8 / len(keys)
 
     fig = new_figure(min(max(6.0, 0.5 * n + 2.0), 30.0), 4.5)
     try:
         ax = fig.add_subplot()
-        ax.bar(x - width / 2, precision, width, label="precision")
-        ax.bar(x + width / 2, recall, width, label="recall")
+        for k, key in enumerate(keys):
+            values = [float(v[key] or 0.0) for v in per_class.values()]
+            ax.bar(x + (k - (len(keys) - 1) / 2) * width, values, width, label=key)
         if n <= MAX_TICK_LABELS:
             ax.set_xticks(
                 x, labels=names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center"
@@ -222,7 +233,7 @@ def per_class_png(
         ax.set_ylim(0.0, 1.05)
         ax.set_xlabel("class")
         ax.set_ylabel("score")
-        ax.set_title("Per-class precision and recall")
+        ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a bar
         fig.tight_layout()
@@ -325,25 +336,5 @@ def segmentation_examples_png(
 
 
 def per_class_iou_png(per_class: Mapping[str, Mapping[str, float | None]], path) -> Path:
-    """Bars of IoU and Dice per class (classes with no pixels and no predictions left blank)."""
-    names = list(per_class)
-    iou = [per_class[n]["iou"] or 0.0 for n in names]
-    dice = [per_class[n]["dice"] or 0.0 for n in names]
-    x = np.arange(len(names))
-    fig = new_figure(min(max(6.0, 0.5 * len(names) + 2.0), 30.0), 4.5)
-    try:
-        ax = fig.add_subplot()
-        ax.bar(x - 0.2, iou, 0.4, label="IoU")
-        ax.bar(x + 0.2, dice, 0.4, label="Dice")
-        if len(names) <= MAX_TICK_LABELS:
-            ax.set_xticks(x, labels=names, rotation=45, ha="right")
-        ax.set_ylim(0.0, 1.05)
-        ax.set_ylabel("score")
-        ax.set_title("Per-class IoU and Dice (test)")
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        fig.tight_layout()
-    except BaseException:
-        _close(fig)
-        raise
-    return save_figure(fig, path)
+    """Bars of IoU and Dice per class (a class with no pixels and no predictions: none)."""
+    return _per_class_bars(per_class, ("iou", "dice"), "Per-class IoU and Dice (test)", path)

@@ -15,6 +15,7 @@ CLASSES = ("background", *(str(d) for d in range(10)))
 VOID = 255
 INK = 0.5  # glyph intensity (0..1) from which a pixel is the digit's
 RIM = 0.15  # fainter than INK but above RIM: void
+NUM_GLYPHS = 1797  # scikit-learn's digits (load_digits is slow to import; the count is fixed)
 # Scenes per split of the fetch stage's `digit_scenes` source (64x64 each).
 SPLIT_SIZES = {"train": 1000, "val": 200, "test": 200}
 
@@ -31,7 +32,7 @@ def digit_scenes(
     """`num_scenes` images and masks, both uint8 (num_scenes, size, size).
 
     A digit is an 8x8 scikit-learn glyph (from `glyph_pool`, indices into the
-    1,797, default all) enlarged by an integer factor from `scales` (nearest
+    NUM_GLYPHS, default all) enlarged by an integer factor from `scales` (nearest
     neighbour, so the mask follows the pixels exactly).
     """
     from sklearn.datasets import load_digits  # slow import; only this source needs it
@@ -67,11 +68,11 @@ def digit_scenes(
 def split_glyph_pools(seed: int = 0) -> dict[str, np.ndarray]:
     """Disjoint glyph indices per split, in proportion to SPLIT_SIZES: test scenes show
     handwriting that training never saw."""
-    permutation = np.random.default_rng(seed).permutation(1797)
+    permutation = np.random.default_rng(seed).permutation(NUM_GLYPHS)
     total = sum(SPLIT_SIZES.values())
     pools, start = {}, 0
     for split, count in SPLIT_SIZES.items():
-        end = start + round(1797 * count / total)
+        end = start + round(NUM_GLYPHS * count / total)
         pools[split] = np.sort(permutation[start:end])
         start = end
     return pools
