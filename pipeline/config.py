@@ -64,18 +64,29 @@ class FetchConfig:
 class PrepareConfig:
     """Decode, resize and split the raw images."""
 
-    image_size: int = _num(16, ge=8, le=1024)
+    # a side (square) or [height, width], e.g. [192, 256] for CamVid's 360x480 at 4:3
+    image_size: int | tuple[int, ...] = _num(16, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     val_fraction: float = _num(0.15, ge=0, lt=1)
     test_fraction: float = _num(0.15, gt=0, lt=1)
     seed: int = 42
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, tuple) and len(self.image_size) != 2:
+            raise ConfigError(
+                f"prepare.image_size must be a side or [height, width], got {list(self.image_size)}"
+            )
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 "prepare.val_fraction + prepare.test_fraction must be < 1, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """(height, width) of every prepared image."""
+        size = self.image_size
+        return (size[0], size[1]) if isinstance(size, tuple) else (size, size)
 
 
 @dataclass(frozen=True)
@@ -406,10 +417,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         item = typing.get_args(hint)[0]
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if arg is type(None) and value is None:
-                return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) > 1:  # e.g. int | tuple[int, ...]: the first that fits
+            for choice in choices:
+                try:
+                    return _coerce(value, choice, key)
+                except ConfigError:
+                    pass
+            raise ConfigError(f"{key} must be {_describe(choices)}, got {value!r}")
+        hint = choices[0]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -429,6 +448,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug, not bad input
 
 
+def _describe(hints: list[Any]) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return " or ".join(words.get(h, "a list") for h in hints)
+
+
 _BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _BOUND_TEST = {
     "gt": lambda v, b: v > b,
@@ -439,6 +463,10 @@ _BOUND_TEST = {
 
 
 def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_bounds(item, bounds, f"{key}[{i}]")
+        return
     for kind, bound in bounds.items():
         if not _BOUND_TEST[kind](value, bound):
             raise ConfigError(f"{key} must be {_BOUND_TEXT[kind]} {bound:g}, got {value!r}")

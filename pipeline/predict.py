@@ -40,14 +40,16 @@ def run(
         raise DataError(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}")
     card = read_card(prepared_dir)
     model = load_trained_model(model_dir)
-    size, channels = card["image_shape"][0], card["image_shape"][2]
+    height, width, channels = card["image_shape"]
     classes = card["classes"]
     out_dir.mkdir(parents=True, exist_ok=True)
     segmentation = card.get("task") == "segmentation"
     rows = []
     for start in range(0, len(paths), BATCH):
         chunk = paths[start : start + BATCH]
-        batch = np.stack([load_image(p, size, channels) for p in chunk]).astype(np.float32)
+        batch = np.stack([load_image(p, (height, width), channels) for p in chunk]).astype(
+            np.float32
+        )
         probs = np.asarray(model.predict_on_batch(batch))
         for path, prob in zip(chunk, probs, strict=True):
             name = path.relative_to(images_dir)

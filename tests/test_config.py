@@ -138,6 +138,21 @@ BAD_CASES = [
         with_value("train", "loss", "dice"),
         ["train.loss", "task: segmentation"],
     ),
+    (
+        "image-size-three-sides",
+        with_value("prepare", "image_size", [64, 64, 64]),
+        ["prepare.image_size", "[height, width]"],
+    ),
+    (
+        "image-size-height-too-small",
+        with_value("prepare", "image_size", [4, 64]),
+        ["prepare.image_size[0]", ">= 8"],
+    ),
+    (
+        "image-size-text",
+        with_value("prepare", "image_size", "large"),
+        ["prepare.image_size", "an integer or a list", "large"],
+    ),
     ("not-yaml", "train: [unclosed\n", ["bad.yaml", "not valid YAML"]),
     ("top-level-list", "- train\n- model\n", ["bad.yaml", "mapping", "list"]),
 ]
@@ -158,6 +173,13 @@ def test_bad_params_name_the_key(tmp_path: Path, content, expected: list[str]) -
     message = str(info.value)
     for part in expected:
         assert part in message, f"{part!r} missing from {message!r}"
+
+
+def test_image_size_is_a_side_or_height_and_width() -> None:
+    square = config.parse(config.PrepareConfig, {"image_size": 32}, "prepare")
+    camvid = config.parse(config.PrepareConfig, {"image_size": [192, 256]}, "prepare")
+    assert square.height_width == (32, 32)
+    assert camvid.height_width == (192, 256)
 
 
 def test_missing_params_file(tmp_path: Path) -> None:

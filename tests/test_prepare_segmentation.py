@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,21 @@ def test_masks_resize_by_nearest_neighbour_and_void_becomes_255(tmp_path):
     assert images.shape == (6, 6, 6, 3)
     total = sum(sum(p.values()) for p in card["class_pixels"].values())
     assert total == 10 * 36 and card["class_pixels"]["train"]["void"] > 0
+
+
+def test_height_and_width_are_kept_apart(tmp_path):
+    raw = tmp_path / "raw"
+    write_pairs(raw, stripes(4, void=255))  # vertical stripes, 12x12
+    write_source(raw, ["a", "b", "c"], [], ignore_index=255)
+    cfg = PrepareConfig(image_size=(6, 24), channels=3, test_fraction=0.25)
+    card = prepare.run(cfg, raw, tmp_path / "prepared")
+    assert card["image_shape"] == [6, 24, 3]
+    images = np.load(images_file(tmp_path / "prepared", "train"))
+    masks = np.load(labels_file(tmp_path / "prepared", "train"))
+    assert images.shape[1:] == (6, 24, 3) and masks.shape[1:] == (6, 24)
+    # stretched along the width only: every row is the same, each stripe now 6 pixels wide
+    assert (masks == masks[:, :1]).all()
+    assert [len(list(run)) for _, run in itertools.groupby(masks[0, 0])] == [6, 6, 6, 6]
 
 
 def test_splits_are_seeded_disjoint_and_the_sources_own_are_kept(tmp_path):

@@ -16,7 +16,7 @@ from pipeline.models.segmentation import build_segmentation_model
 
 NUM_CLASSES = 4
 VOID = 255
-SHAPE = (64, 64, 3)
+SHAPE = (64, 96, 3)  # not square: height and width are kept apart
 ON_JAX = keras.backend.backend() == "jax"
 
 # On JAX (CI's second pass) the first three cover every decoder code path and both

@@ -68,19 +68,21 @@ def _read_source(raw_dir: Path) -> dict:
         ) from None
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode one image to uint8 (size, size, channels), whatever its mode or bit depth."""
+def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """Decode one image to uint8 (height, width, channels) for `size` = (height, width),
+    whatever its mode or bit depth."""
+    height, width = size
     try:
         with Image.open(path) as img:
             img.load()
             img = _to_8bit(img)
             img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"prepare: cannot decode image {path} ({exc.__class__.__name__})") from None
-    return array.reshape(size, size, channels)
+    return array.reshape(height, width, channels)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -94,9 +96,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_all(items: list[tuple[Path, str]], size: int, channels: int) -> np.ndarray:
+def decode_all(items: list[tuple[Path, str]], size: tuple[int, int], channels: int) -> np.ndarray:
     """Decode images in threads (PIL releases the GIL while decoding)."""
-    images = np.empty((len(items), size, size, channels), dtype=np.uint8)
+    images = np.empty((len(items), *size, channels), dtype=np.uint8)
     with ThreadPoolExecutor() as pool:
         arrays = pool.map(lambda item: load_image(item[0], size, channels), items, chunksize=256)
         for i, array in enumerate(arrays):
@@ -171,7 +173,7 @@ def run(cfg: PrepareConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PREPARED_DI
         "source": source,
         "classes": classes,
         "num_classes": len(classes),
-        "image_shape": [cfg.image_size, cfg.image_size, cfg.channels],
+        "image_shape": [*cfg.height_width, cfg.channels],
         "prepare": asdict(cfg),
         "counts": {},
         "sha256": {},
@@ -181,9 +183,9 @@ def run(cfg: PrepareConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PREPARED_DI
         for split in SPLITS:
             paths, labels = splits[split]
             images = (
-                decode_all(list(zip(paths, labels, strict=True)), cfg.image_size, cfg.channels)
+                decode_all(list(zip(paths, labels, strict=True)), cfg.height_width, cfg.channels)
                 if paths
-                else np.zeros((0, cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
+                else np.zeros((0, *cfg.height_width, cfg.channels), np.uint8)
             )
             np.save(images_file(tmp, split), images)
             np.save(labels_file(tmp, split), labels.astype(np.int32))
@@ -222,9 +224,10 @@ def list_pairs(raw_dir: Path, source: dict) -> dict[str, list[tuple[Path, Path]]
     return found
 
 
-def load_mask(path: Path, size: int, num_classes: int, ignore_index: int) -> np.ndarray:
-    """Decode a class-index mask to uint8 (size, size): nearest-neighbour resize only (an
+def load_mask(path: Path, size: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
+    """Decode a class-index mask to uint8 (height, width): nearest-neighbour resize only (an
     interpolated class index is another class), source void mapped to VOID."""
+    height, width = size
     try:
         with Image.open(path) as img:
             img.load()
@@ -233,8 +236,8 @@ def load_mask(path: Path, size: int, num_classes: int, ignore_index: int) -> np.
                     f"prepare: mask {path} is {img.mode}; masks hold one class index per "
                     "pixel (a grayscale or palette PNG)"
                 )
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.NEAREST)
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.NEAREST)
             values = np.asarray(img).astype(np.int64)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"prepare: cannot decode mask {path} ({exc.__class__.__name__})") from None
@@ -260,19 +263,19 @@ def run_segmentation(cfg: PrepareConfig, source: dict, raw_dir: Path, out_dir: P
         "classes": classes,
         "num_classes": len(classes),
         "ignore_index": VOID,
-        "image_shape": [cfg.image_size, cfg.image_size, cfg.channels],
+        "image_shape": [*cfg.height_width, cfg.channels],
         "prepare": asdict(cfg),
         "counts": {},
         "class_pixels": {},
         "sha256": {},
     }
     digest = hashlib.sha256()
-    size = cfg.image_size
+    size = cfg.height_width
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             pairs = splits.get(split, [])
-            images = np.zeros((len(pairs), size, size, cfg.channels), np.uint8)
-            masks = np.zeros((len(pairs), size, size), np.uint8)
+            images = np.zeros((len(pairs), *size, cfg.channels), np.uint8)
+            masks = np.zeros((len(pairs), *size), np.uint8)
             with ThreadPoolExecutor() as pool:
                 decode = pool.map(
                     lambda pair: (
