@@ -140,7 +140,8 @@ def run_segmentation(
     metrics_dir: Path,
     plots_dir: Path,
 ) -> dict:
-    """mIoU, Dice, pixel and mean class accuracy over the test split; per-class IoU table,
+    """mIoU, Dice, pixel and mean class accuracy over the test split (and the same over the
+    val split as `eval_val_*`: benchmarks such as CamVid report val); per-class IoU table,
     examples of predictions next to ground truth; logged to the training run."""
     from pipeline import plots
     from pipeline.metrics import segmentation_report
@@ -150,6 +151,15 @@ def run_segmentation(
     cm, (images, masks, preds) = segment_split(model, prepared_dir, "test", cfg.batch_size, card)
     report = segmentation_report(cm, classes)
     per_class = report.pop("per_class")
+    if card["counts"].get("val"):
+        # not `val_*`: those name training's per-epoch curves in the same MLflow run
+        val_cm, _ = segment_split(model, prepared_dir, "val", cfg.batch_size, card)
+        val = segmentation_report(val_cm, classes)
+        report |= {
+            "eval_val_" + k.removeprefix("test_"): v
+            for k, v in val.items()
+            if k.startswith("test_")
+        }
     table = plots_dir / TABLES_DIR / "per_class_iou.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(

@@ -359,7 +359,7 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
             "dvc", "exp", "run", "-n", "scenes-unet",
             "-S", "task=segmentation",
             "-S", "fetch.source=digit_scenes",
-            "-S", "prepare.image_size=32",
+            "-S", "prepare.image_size=[32,48]",
             "-S", "model.arch=unet",
             "-S", "model.width_multiplier=0.25",
             "-S", "train.epochs=2",
@@ -375,6 +375,10 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
     metrics = read_metrics(project)
     assert {"test_miou", "test_mean_dice", "test_pixel_accuracy"} <= set(metrics)
     assert "test_top1" not in metrics
+    # evaluate's whole-split val mIoU is the one training logged for its last epoch
+    last_epoch = (project / "plots" / "history.csv").read_text().splitlines()
+    history = dict(zip(last_epoch[0].split(","), last_epoch[-1].split(","), strict=True))
+    assert metrics["eval_val_miou"] == pytest.approx(float(history["val_miou"]), abs=1e-4)
     per_class = json.loads((project / "metrics" / "per_class.json").read_text())
     assert list(per_class)[0] == "background" and len(per_class) == 11
 
@@ -393,8 +397,8 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/scenes-segmenter@challenger")
-    pixels = np.zeros((2, 32, 32, 1), dtype=np.float32)
-    assert np.asarray(model.predict(pixels)).shape == (2, 32, 32, 11)
+    pixels = np.zeros((2, 32, 48, 1), dtype=np.float32)
+    assert np.asarray(model.predict(pixels)).shape == (2, 32, 48, 11)
 
     # Colour-coded masks for a folder, back at the images' own 64x64.
     done = run_cli(["predict", "data/raw/test/images", "--out", "scene-masks"], project)
