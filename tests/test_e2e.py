@@ -77,6 +77,15 @@ def read_metrics(repo: Path) -> dict:
     return json.loads((repo / "metrics" / "eval.json").read_text())
 
 
+def plotted(repo: Path) -> dict[str, int]:
+    """`dvc plots show`'s plots (dvc.yaml's titles and image files) with their data points."""
+    shown = json.loads(sh(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    return {
+        title: sum(len(p.get("content", {}).get("data", {}).get("values", [None])) for p in plots)
+        for title, plots in shown.items()
+    }
+
+
 def test_repro_trains_digits_to_98_percent(project):
     metrics = read_metrics(project)
     assert metrics["test_top1"] >= 0.98
@@ -85,6 +94,8 @@ def test_repro_trains_digits_to_98_percent(project):
         assert (project / "plots" / "images" / name).stat().st_size > 1000
     card = json.loads((project / "data/prepared/data_card.json").read_text())
     assert card["totals"] == {"train": 1257, "val": 270, "test": 270}
+    shown = plotted(project)  # what `dvc plots show` draws
+    assert shown["Accuracy"] and shown["Learning rate"] and shown["Confusion matrix"] == 270
 
 
 def test_mlflow_run_holds_params_curves_model_and_tags(project):
@@ -375,6 +386,9 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
     metrics = read_metrics(project)
     assert {"test_miou", "test_mean_dice", "test_pixel_accuracy"} <= set(metrics)
     assert "test_top1" not in metrics
+    shown = plotted(project)
+    assert shown["Mean IoU"] and shown["Loss"] and shown["Per-class IoU"] == 11
+    assert "plots/images/test_examples.png" in shown
     # evaluate's whole-split val mIoU is the one training logged for its last epoch
     last_epoch = (project / "plots" / "history.csv").read_text().splitlines()
     history = dict(zip(last_epoch[0].split(","), last_epoch[-1].split(","), strict=True))
