@@ -368,8 +368,6 @@ def check_task(task: str, model: ModelConfig, train: TrainConfig) -> None:
         raise ConfigError("train.early_stopping_monitor: val_miou needs task: segmentation")
     if segmentation and train.label_smoothing:
         raise ConfigError("train.label_smoothing applies to task: classification")
-    if segmentation and train.finetune != "full":
-        raise ConfigError("train.finetune: frozen and progressive apply to classifiers only")
 
 
 def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:

@@ -4,7 +4,10 @@ The configured architecture is built fresh for this data, then takes every
 weight of the source model whose layer name and shapes match: the zoo names
 its layers, so a ResNet-18 trained on one data set initializes a ResNet-18 on
 another, and a head of another class count (`head_dense`) starts from scratch.
-The head is every layer named `head_*` (and `probs`); the backbone is the rest.
+The head is every layer named `head_*` (and `probs`), and for segmentation
+models the whole decoder; the backbone is the rest (the encoder). So a
+segmentation model starts from a classifier of its encoder's architecture, and
+`frozen` trains its decoder alone.
 
 Progressive unfreezing (ULMFiT's gradual unfreezing): the backbone's weight
 layers, in graph order, are cut into `unfreeze_groups` groups; training starts
@@ -20,8 +23,9 @@ from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.models.segmentation import DECODER_PREFIXES
 
-HEAD_PREFIX = "head_"
+HEAD_PREFIXES = ("head_", *DECODER_PREFIXES)
 OUTPUT_LAYER = "probs"
 
 
@@ -54,7 +58,7 @@ def load_source(init_from: str):
 
 
 def is_head(layer) -> bool:
-    return layer.name.startswith(HEAD_PREFIX) or layer.name == OUTPUT_LAYER
+    return layer.name.startswith(HEAD_PREFIXES) or layer.name == OUTPUT_LAYER
 
 
 def backbone_layers(model) -> list:

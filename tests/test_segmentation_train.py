@@ -88,3 +88,31 @@ def test_classification_only_knobs_are_refused_for_segmentation(scenes_prepared,
         run(UNET, SHORT, MlflowConfig(), prepared_dir=scenes_prepared, task="classification")
     assert not (tmp_path / "model").exists()
     keras.backend.clear_session()
+
+
+def test_frozen_finetune_trains_the_decoder_on_a_classifiers_encoder(scenes_prepared, tmp_path):
+    """init_from a ResNet-18 classifier: its weights seed the U-Net's encoder, which
+    `finetune: frozen` keeps as they were while the decoder learns."""
+    from pipeline import transfer
+    from pipeline.models.registry import build_model
+
+    classifier = build_model("resnet18", (32, 32, 1), 5, width_multiplier=0.25, small_input=False)
+    classifier.save(tmp_path / "classifier.keras")
+    source = {la.name: la.get_weights() for la in classifier.layers if la.weights}
+    cfg = replace(SHORT, epochs=2, init_from=str(tmp_path / "classifier.keras"), finetune="frozen")
+    model_cfg = ModelConfig(arch="unet", encoder="resnet18", width_multiplier=0.25)
+    card = read_card(scenes_prepared)
+    result = fit_model(model_cfg, cfg, scenes_prepared, card, checkpoint_dir=tmp_path / "ckpt")
+
+    encoder = transfer.backbone_layers(result.model)
+    assert encoder and all(layer.name in source for layer in encoder)
+    assert result.transferred_layers == len(encoder)
+    for layer in encoder:  # BatchNorm statistics included
+        for got, want in zip(layer.get_weights(), source[layer.name], strict=True):
+            np.testing.assert_array_equal(got, want)
+    decoder = [la for la in result.model.layers if la.weights and transfer.is_head(la)]
+    assert {la.name for la in decoder} >= {"dec0_conv1_conv", "seg_head_conv"}
+    # the encoder did not move, so the decoder is what learned
+    assert result.history["train_loss"][1] < result.history["train_loss"][0]
+    keras.backend.clear_session()
+

@@ -19,6 +19,9 @@ from pipeline.models.blocks import BN_MOMENTUM, conv_bn_act, image_input, scaled
 SEGMENTATION_ARCHS = ("unet", "deeplabv3plus")
 UPSAMPLING = ("transpose", "bilinear")
 PLAIN = "plain"  # model.encoder of the paper's U-Net
+# Name prefixes of every layer that is not encoder: the "head" that `train.finetune:
+# frozen` trains alone (pipeline.transfer); encoder layers keep the classifier's names.
+DECODER_PREFIXES = ("dec", "aspp_", "seg_head")
 # U-Net decoder channels from the deepest level up (segmentation_models' defaults).
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
