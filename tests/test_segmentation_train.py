@@ -115,4 +115,3 @@ def test_frozen_finetune_trains_the_decoder_on_a_classifiers_encoder(scenes_prep
     # the encoder did not move, so the decoder is what learned
     assert result.history["train_loss"][1] < result.history["train_loss"][0]
     keras.backend.clear_session()
-
