@@ -36,8 +36,8 @@ lint: $(VENV)/.installed-test
 
 # The whole suite on TensorFlow, then the zoo, operator, augmentation, optimizer, loss and
 # segmentation model tests again on JAX (the GPU machines have JAX and no TensorFlow).
-# Two workers, a test file each at a time (the end-to-end tests of one file share a project).
-PYTEST := python -m pytest -n 2 --dist loadfile
+# Two workers. On TensorFlow each takes a whole file at a time: the end-to-end tests of
+# test_e2e.py share one project and run in order, as a user's session would.
 test: lint
-	$(PYTEST)
-	KERAS_BACKEND=jax $(PYTEST) tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py tests/test_segmentation_models.py
+	python -m pytest -n 2 --dist loadfile
+	KERAS_BACKEND=jax python -m pytest -n 2 --dist load tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py tests/test_segmentation_models.py
