@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline import config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
@@ -92,8 +92,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from pipeline import predict
 
-    count = predict.run(args.images, args.out)
-    print(f"predict: {count} images -> {args.out}")
+    images = args.input or args.images
+    if images is None:
+        raise ConfigError("predict: give a folder of images (predict DIR or --input DIR)")
+    count = predict.run(images, args.output, model_uri=args.model, progress=True)
+    print(f"predict: {count} images -> {args.output}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -146,8 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="the trained model on a folder of images (classes CSV, or colour-coded masks)",
     )
-    predict.add_argument("images", type=Path, help="folder of images (searched recursively)")
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    predict.add_argument(
+        "images", type=Path, nargs="?", help="folder of images (searched recursively)"
+    )
+    predict.add_argument("--input", type=Path, help="the same folder, as an option")
+    predict.add_argument(
+        "--output",
+        "--out",
+        type=Path,
+        default=Path("predictions"),
+        help="output folder, or a classifier's CSV file (default: predictions/)",
+    )
+    predict.add_argument(
+        "--model",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
+        "(default: this project's data/model)",
+    )
     predict.set_defaults(func=cmd_predict)
     models = commands.add_parser(
         "models", help="model card per architecture: params, MACs, depth, receptive field"

@@ -1,10 +1,16 @@
-"""`python -m pipeline predict IMAGES_DIR --out OUT`: the trained model on a folder of images.
+"""`python -m pipeline predict`: a trained model on a folder of images.
 
-Images are decoded and resized exactly as `prepare` did for training (size and
-channels from the data card). A classifier writes `OUT/predictions.csv` (file,
-class, probability); a segmentation model writes, per image, `<stem>.png`
-(colour-coded classes, legend in `OUT/classes.csv`) and `<stem>_classes.png`
-(class indices), both resized back to the image's own size by nearest neighbour.
+The model is this project's last trained one (`data/model`) or, with
+`--model`, any logged or registered one (`models:/NAME@champion`,
+`models:/NAME/VERSION`, `runs:/ID/model`); its data card (from `data/prepared`,
+or logged with its run) gives the classes and the input size. Images are
+decoded and resized exactly as `prepare` did for training.
+
+A classifier writes one CSV row per image: file, class, probability and the
+top-5 classes (`|`-separated). A segmentation model writes, per image,
+`<stem>.png` (colour-coded classes, legend in `classes.csv`) and
+`<stem>_classes.png` (class indices), both resized back to the image's own
+size by nearest neighbour.
 """
 
 from __future__ import annotations
@@ -18,39 +24,48 @@ from pipeline.data.layout import IMAGE_SUFFIXES, MODEL_DIR, PREPARED_DIR
 from pipeline.errors import DataError
 
 BATCH = 32
+TOP = 5
 
 
 def run(
     images_dir: Path,
-    out_dir: Path,
+    output: Path,
     *,
+    model_uri: str | None = None,
     model_dir: Path = MODEL_DIR,
     prepared_dir: Path = PREPARED_DIR,
+    progress: bool = False,
 ) -> int:
-    """Predict every image under `images_dir` into `out_dir`; return how many."""
-    from PIL import Image
+    """Predict every image under `images_dir`; return how many.
 
-    from pipeline.data.prepare import load_image, read_card
-    from pipeline.evaluate import load_trained_model
+    `output` is a folder, or for a classifier also a `.csv` file path (default
+    name in a folder: predictions.csv).
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    from pipeline.data.prepare import load_image
 
     if not images_dir.is_dir():
         raise DataError(f"predict: {images_dir} is not a folder of images")
     paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}")
-    card = read_card(prepared_dir)
-    model = load_trained_model(model_dir)
+    model, card = _model_and_card(model_uri, model_dir, prepared_dir)
     height, width, channels = card["image_shape"]
     classes = card["classes"]
-    out_dir.mkdir(parents=True, exist_ok=True)
     segmentation = card.get("task") == "segmentation"
+    if segmentation and output.suffix.lower() == ".csv":
+        raise DataError(f"predict: {output}: a segmentation model writes masks into a folder")
+    csv_path = output if output.suffix.lower() == ".csv" else output / "predictions.csv"
+    out_dir = output if segmentation else csv_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress)
     for start in range(0, len(paths), BATCH):
         chunk = paths[start : start + BATCH]
-        batch = np.stack([load_image(p, (height, width), channels) for p in chunk]).astype(
-            np.float32
-        )
-        probs = np.asarray(model.predict_on_batch(batch))
+        batch = np.stack([load_image(p, (height, width), channels) for p in chunk])
+        probs = np.asarray(model.predict_on_batch(batch.astype(np.float32)))
         for path, prob in zip(chunk, probs, strict=True):
             name = path.relative_to(images_dir)
             if segmentation:
@@ -58,16 +73,32 @@ def run(
                     shape = original.size
                 _write_masks(prob.argmax(axis=-1), classes, shape, out_dir / name.with_suffix(""))
             else:
-                best = int(prob.argmax())
-                rows.append([name.as_posix(), classes[best], f"{prob[best]:.6f}"])
+                top = np.argsort(-prob, kind="stable")[:TOP]
+                best = int(top[0])
+                top5 = "|".join(classes[i] for i in top)
+                rows.append([name.as_posix(), classes[best], f"{prob[best]:.6f}", top5])
+        bar.update(len(chunk))
+    bar.close()
     if segmentation:
         _write_legend(classes, out_dir / "classes.csv")
     else:
-        with open(out_dir / "predictions.csv", "w", newline="") as f:
+        with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", "class", "probability"])
+            writer.writerow(["file", "class", "probability", "top5"])
             writer.writerows(rows)
     return len(paths)
+
+
+def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):
+    if model_uri:
+        from pipeline import tracking
+
+        card = tracking.load_data_card(model_uri, key="predict --model")
+        return tracking.load_keras_model(model_uri, key="predict --model"), card
+    from pipeline.data.prepare import read_card
+    from pipeline.evaluate import load_trained_model
+
+    return load_trained_model(model_dir), read_card(prepared_dir)
 
 
 def _write_masks(mask: np.ndarray, classes: list[str], size: tuple[int, int], stem: Path) -> None:

@@ -330,10 +330,10 @@ def _version_metric(client, version, metric: str) -> float:
     return run.data.metrics[metric]
 
 
-def load_keras_model(model_uri: str):
+def load_keras_model(model_uri: str, *, key: str = "train.init_from"):
     """The Keras model behind `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/model`.
 
-    A ConfigError names `train.init_from` when the URI does not resolve.
+    A ConfigError names `key` (the param or option that gave the URI) when it does not resolve.
     """
     from mlflow.exceptions import MlflowException
 
@@ -343,10 +343,34 @@ def load_keras_model(model_uri: str):
     try:
         return mlflow.keras.load_model(model_uri)
     except MlflowException as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"train.init_from {model_uri!r}: {first_line}") from None
+        raise ConfigError(f"{key} {model_uri!r}: {_first_line(exc)}") from None
     except OSError as exc:
-        raise ConfigError(f"train.init_from {model_uri!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{key} {model_uri!r}: {exc.strerror or exc}") from None
+
+
+DATA_CARD_ARTIFACT = "data_card.json"
+
+
+def load_data_card(model_uri: str, *, key: str) -> dict:
+    """The data card logged by the training run of `model_uri` (classes, image shape, task)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import ConfigError
+
+    mlflow = _mlflow()
+    try:
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{DATA_CARD_ARTIFACT}")
+    except MlflowException as exc:
+        raise ConfigError(f"{key} {model_uri!r}: {_first_line(exc)}") from None
+    except OSError as exc:  # a run logged before the card was: no such artifact
+        raise ConfigError(
+            f"{key} {model_uri!r}: its run has no {DATA_CARD_ARTIFACT} ({exc.strerror or exc})"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 REPORT_TAG = "pipeline.report"

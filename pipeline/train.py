@@ -460,6 +460,7 @@ def run(
         )
         tracking.set_tags({"stopped_early": str(result.stopped_early)})
         tracking.log_dict(figures, "model_card.json")
+        tracking.log_dict(card, tracking.DATA_CARD_ARTIFACT)  # what predict --model needs
         tracking.log_metrics(
             {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
         )

@@ -7,6 +7,7 @@ experiment, promote.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -149,7 +150,7 @@ def test_predict_classifies_a_folder_of_images(project):
     done = run_cli(["predict", "data/raw/3", "--out", "preds"], project)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = (project / "preds" / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "file,class,probability" and len(rows) == 1 + 183  # digits has 183 threes
+    assert rows[0] == "file,class,probability,top5" and len(rows) == 1 + 183  # 183 threes
     assert sum(row.split(",")[1] == "3" for row in rows[1:]) > 0.95 * 183
     shutil.rmtree(project / "preds")
 
@@ -196,6 +197,39 @@ def test_promote_gates_on_test_top1(project):
     assert forced.returncode == 0, forced.stderr
     assert f"{top1['1']:.4f}" in forced.stdout and f"{top1['2']:.4f}" in forced.stdout
     assert c.get_model_version_by_alias(MODEL_NAME, "champion").version == 2
+
+
+def test_predict_with_a_registered_model(project):
+    def predict(*args: str) -> list[dict[str, str]]:
+        done = run_cli(["predict", *args], project)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "183/183" in done.stderr  # the progress bar
+        with open(project / args[-1], newline="") as f:
+            return list(csv.DictReader(f))
+
+    best = predict(
+        "--model", f"models:/{MODEL_NAME}/1", "--input", "data/raw/3", "--output", "v1.csv"
+    )
+    assert len(best) == 183 and sum(row["class"] == "3" for row in best) > 0.95 * 183
+    for row in best:
+        top5 = row["top5"].split("|")
+        assert len(set(top5)) == 5 and top5[0] == row["class"]
+
+    # the champion (v2 after the forced promotion) is the model this workspace trained last
+    champion = predict(
+        "--model", f"models:/{MODEL_NAME}@champion", "data/raw/3", "--output", "c.csv"
+    )
+    local = predict("data/raw/3", "--output", "local.csv")
+    assert [row["class"] for row in champion] == [row["class"] for row in local]
+    assert [row["probability"] for row in champion] != [row["probability"] for row in best]
+
+    missing = run_cli(
+        ["predict", "--model", "models:/no-such-model@champion", "data/raw/3"], project
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.count("\n") == 1 and "predict --model" in missing.stderr
+    for name in ("v1.csv", "c.csv", "local.csv"):
+        (project / name).unlink()
 
 
 def test_dvc_exp_run_makes_a_second_comparable_run(project):
