@@ -290,6 +290,35 @@ def promote(
     Returns (version, champion's figure or None, candidate's figure). A worse
     candidate raises PromotionRefused unless `force`.
     """
+    with _promotion_lock(name):
+        return _promote(name, version, metric, higher_is_better, force)
+
+
+@contextlib.contextmanager
+def _promotion_lock(name: str) -> Iterator[None]:
+    """Serialize promotions of `name` in one store on this machine.
+
+    Promotion reads the champion, compares and moves the alias: two promotes at
+    once could both compare against the old champion, and the worse one could
+    land last. A lock file per (store, model) in the temp folder prevents that.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(f"{tracking_uri()}\0{name}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"pipeline-promote-{key}.lock"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _promote(
+    name: str, version: str | None, metric: str, higher_is_better: bool, force: bool
+) -> tuple[str, float | None, float]:
     from mlflow.exceptions import MlflowException
 
     client = _client()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
+from conftest import pipeline_env
 
 from pipeline import tracking
 from pipeline.errors import PipelineError, PromotionRefused
@@ -70,6 +74,57 @@ def test_register_and_promote_gate(store):
     version = client.get_model_version("m", "1")
     assert version.tags["test_top1"] == "0.9"
     assert "Test: test_top1=0.9000" in version.description
+
+
+PROMOTE = """
+import sys, time
+from pathlib import Path
+from pipeline import tracking
+from pipeline.errors import PromotionRefused
+make_client = tracking._client
+def slow_client():  # widen the gap between reading the champion and moving the alias
+    client = make_client()
+    move = client.set_registered_model_alias
+    def slow_move(*args):
+        time.sleep(float(sys.argv[2]))
+        move(*args)
+    client.set_registered_model_alias = slow_move
+    return client
+tracking._client = slow_client
+go = Path("go")
+while not go.exists():
+    time.sleep(0.005)
+try:
+    tracking.promote("m", version=sys.argv[1], metric="test_top1", higher_is_better=True,
+                     force=False)
+except PromotionRefused:
+    sys.exit(1)
+"""
+
+
+def test_concurrent_promotions_leave_the_better_champion(store):
+    """v1 (0.90) and v2 (0.80) promoted at the same moment, with no champion yet: whichever
+    goes first, v1 ends champion and v2 is refused or replaced, never the last word."""
+    from mlflow import MlflowClient
+
+    register_version("m", 0.90)
+    register_version("m", 0.80)
+    client = MlflowClient(tracking.tracking_uri())
+    for _ in range(2):
+        (store / "go").unlink(missing_ok=True)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", PROMOTE, version, delay], cwd=store, env=pipeline_env()
+            )
+            # unlocked, v2 (the worse) would compare against no champion and move the alias last
+            for version, delay in (("2", "1.5"), ("1", "0.3"))
+        ]
+        (store / "go").touch()
+        codes = sorted(p.wait(timeout=120) for p in procs)
+        assert codes in ([0, 0], [0, 1])
+        # an alias names one version by construction: the question is which
+        assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+        client.delete_registered_model_alias("m", "champion")
 
 
 def test_promote_errors_name_the_problem(store):
