@@ -364,17 +364,9 @@ def load_keras_model(model_uri: str, *, key: str = "train.init_from"):
 
     A ConfigError names `key` (the param or option that gave the URI) when it does not resolve.
     """
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.errors import ConfigError
-
     mlflow = _mlflow()
-    try:
+    with _naming_the_uri(model_uri, key):
         return mlflow.keras.load_model(model_uri)
-    except MlflowException as exc:
-        raise ConfigError(f"{key} {model_uri!r}: {_first_line(exc)}") from None
-    except OSError as exc:
-        raise ConfigError(f"{key} {model_uri!r}: {exc.strerror or exc}") from None
 
 
 DATA_CARD_ARTIFACT = "data_card.json"
@@ -382,24 +374,31 @@ DATA_CARD_ARTIFACT = "data_card.json"
 
 def load_data_card(model_uri: str, *, key: str) -> dict:
     """The data card logged by the training run of `model_uri` (classes, image shape, task)."""
+    mlflow = _mlflow()
+    with _naming_the_uri(model_uri, key):
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+    with _naming_the_uri(model_uri, key, missing=f"its run has no {DATA_CARD_ARTIFACT}"):
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{DATA_CARD_ARTIFACT}")
+
+
+@contextlib.contextmanager
+def _naming_the_uri(model_uri: str, key: str, missing: str = "") -> Iterator[None]:
+    """MLflow's and the file system's errors about `model_uri` as one-line ConfigErrors."""
     from mlflow.exceptions import MlflowException
 
     from pipeline.errors import ConfigError
 
-    mlflow = _mlflow()
     try:
-        run_id = mlflow.models.get_model_info(model_uri).run_id
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{DATA_CARD_ARTIFACT}")
+        yield
     except MlflowException as exc:
-        raise ConfigError(f"{key} {model_uri!r}: {_first_line(exc)}") from None
-    except OSError as exc:  # a run logged before the card was: no such artifact
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        raise ConfigError(f"{key} {model_uri!r}: {first_line}") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         raise ConfigError(
-            f"{key} {model_uri!r}: its run has no {DATA_CARD_ARTIFACT} ({exc.strerror or exc})"
+            f"{key} {model_uri!r}: {f'{missing} ({reason})' if missing else reason}"
         ) from None
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 REPORT_TAG = "pipeline.report"
