@@ -274,3 +274,14 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads() -> None:
         if stage == "register":  # the gate (metric, higher_is_better) is read by promote
             expected = {"register.model_name"}
         assert set(stages[stage]["params"]) == expected, stage
+
+
+def test_cli_predict_without_a_folder_is_a_usage_error(tmp_path: Path) -> None:
+    from conftest import run_cli as pipeline_cli
+
+    result = pipeline_cli(["predict", "--output", "out.csv"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "error: predict: give a folder of images (predict DIR or --input DIR)"
+    ]
+    assert not (tmp_path / "out.csv").exists()
