@@ -18,14 +18,20 @@ TABLES_DIR = "tables"  # one DVC output whatever the task: confusion.csv or per_
 
 def load_trained_model(model_dir: Path = MODEL_DIR):
     """The trained Keras model, loaded in safe mode (no code from the file runs)."""
-    import keras
-
-    import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
     from pipeline.train import MODEL_FILE
 
     path = model_dir / MODEL_FILE
     if not path.exists():
         raise DataError(f"{path} not found; run `python -m pipeline train` first")
+    return load_keras_file(path)
+
+
+def load_keras_file(path: Path):
+    """A `.keras` file of this project, in safe mode, with the zoo's custom layers known."""
+    import keras
+
+    import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
+
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 

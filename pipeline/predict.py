@@ -93,8 +93,7 @@ def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):
     if model_uri:
         from pipeline import tracking
 
-        card = tracking.load_data_card(model_uri, key="predict --model")
-        return tracking.load_keras_model(model_uri, key="predict --model"), card
+        return tracking.load_logged_model(model_uri, key="predict --model")
     from pipeline.data.prepare import read_card
     from pipeline.evaluate import load_trained_model
 

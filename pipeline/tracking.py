@@ -6,7 +6,7 @@ next to the model); evaluate reopens the run by that id to add test metrics and
 plots; register registers the model logged in that run. A DVC cache hit of
 train therefore keeps pointing at the run that produced the cached model.
 
-Only this module imports mlflow.
+Only this module imports mlflow, but for `serving`, the logged model's own code.
 """
 
 from __future__ import annotations
@@ -174,39 +174,50 @@ def epoch_logger():
     return EpochLogger()
 
 
-def log_model(model, *, input_shape: tuple[int, ...]) -> str:
-    """Log the Keras model with a tensor signature; return its model URI.
+def log_model(model, *, card: dict) -> str:
+    """Log the model as the pyfunc of `pipeline.serving`; return its model URI.
 
-    Output: (-1, classes) probabilities for a classifier, (-1, H, W, classes) per pixel
-    for a segmentation model.
-
-    A signature, not `input_example`, because the latter crashes in mlflow 3.17
-    (mlflow#16183). Requirements are given, not inferred: inference reloads the
-    model in a subprocess and costs tens of seconds.
+    The pyfunc decodes, resizes and labels images itself; it holds the Keras
+    file, the data card and a copy of this package. Requirements are given,
+    not inferred: inference reloads the model in a subprocess and costs tens
+    of seconds.
     """
+    import tempfile
+
     import keras
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+
+    import pipeline
+    from pipeline import serving
+    from pipeline.data.atomic import write_json
 
     mlflow = _mlflow()
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.output.shape[1:]))]),
-    )
-    info = mlflow.keras.log_model(
-        model, name="model", signature=signature, pip_requirements=_requirements(keras)
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_file, card_file = Path(tmp, "model.keras"), Path(tmp, "data_card.json")
+        model.save(keras_file)
+        write_json(card_file, card)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(serving.__file__).with_name("served_model.py")),
+            artifacts={
+                serving.KERAS_ARTIFACT: str(keras_file),
+                serving.CARD_ARTIFACT: str(card_file),
+            },
+            code_paths=[str(Path(pipeline.__file__).parent)],
+            signature=serving.signature(card),
+            pip_requirements=_requirements(keras),
+            metadata={"task": card.get("task", "classification"), "classes": card["classes"]},
+        )
     return info.model_uri
 
 
 def _requirements(keras) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    reqs = [f"keras=={keras.__version__}"]
     backend = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[keras.backend.backend()]
-    with contextlib.suppress(PackageNotFoundError):
-        reqs.append(f"{backend}=={version(backend)}")
+    reqs = []
+    for package in ("keras", backend, "numpy", "pandas", "pillow"):
+        with contextlib.suppress(PackageNotFoundError):
+            reqs.append(f"{package}=={version(package)}")
     return reqs
 
 
@@ -364,25 +375,27 @@ def load_keras_model(model_uri: str, *, key: str = "train.init_from"):
 
     A ConfigError names `key` (the param or option that gave the URI) when it does not resolve.
     """
+    return load_logged_model(model_uri, key=key)[0]
+
+
+def load_logged_model(model_uri: str, *, key: str) -> tuple[Any, dict]:
+    """(Keras model, data card) of a model logged by training."""
+    from pipeline.errors import ConfigError
+    from pipeline.serving import ImageModel
+
     mlflow = _mlflow()
     with _naming_the_uri(model_uri, key):
-        return mlflow.keras.load_model(model_uri)
+        loaded = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if not isinstance(loaded, ImageModel):
+        raise ConfigError(f"{key} {model_uri!r}: not a model logged by this pipeline")
+    return loaded.keras_model, loaded.card
 
 
 DATA_CARD_ARTIFACT = "data_card.json"
 
 
-def load_data_card(model_uri: str, *, key: str) -> dict:
-    """The data card logged by the training run of `model_uri` (classes, image shape, task)."""
-    mlflow = _mlflow()
-    with _naming_the_uri(model_uri, key):
-        run_id = mlflow.models.get_model_info(model_uri).run_id
-    with _naming_the_uri(model_uri, key, missing=f"its run has no {DATA_CARD_ARTIFACT}"):
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{DATA_CARD_ARTIFACT}")
-
-
 @contextlib.contextmanager
-def _naming_the_uri(model_uri: str, key: str, missing: str = "") -> Iterator[None]:
+def _naming_the_uri(model_uri: str, key: str) -> Iterator[None]:
     """MLflow's and the file system's errors about `model_uri` as one-line ConfigErrors."""
     from mlflow.exceptions import MlflowException
 
@@ -395,10 +408,7 @@ def _naming_the_uri(model_uri: str, key: str, missing: str = "") -> Iterator[Non
         first_line = text.splitlines()[0] if text else type(exc).__name__
         raise ConfigError(f"{key} {model_uri!r}: {first_line}") from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(
-            f"{key} {model_uri!r}: {f'{missing} ({reason})' if missing else reason}"
-        ) from None
+        raise ConfigError(f"{key} {model_uri!r}: {exc.strerror or exc}") from None
 
 
 REPORT_TAG = "pipeline.report"

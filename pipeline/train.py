@@ -460,11 +460,11 @@ def run(
         )
         tracking.set_tags({"stopped_early": str(result.stopped_early)})
         tracking.log_dict(figures, "model_card.json")
-        tracking.log_dict(card, tracking.DATA_CARD_ARTIFACT)  # what predict --model needs
+        tracking.log_dict(card, tracking.DATA_CARD_ARTIFACT)
         tracking.log_metrics(
             {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
         )
-        model_uri = tracking.log_model(model, input_shape=tuple(card["image_shape"]))
+        model_uri = tracking.log_model(model, card=card)
         with atomic_dir(out_dir) as tmp:
             model.save(tmp / MODEL_FILE)
             (tmp / "summary.txt").write_text(summary + "\n")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,57 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
         env=pipeline_env(**env),
         timeout=900,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(
+    args: list[str], cwd: Path, ready_url: str, log: Path, timeout_s: float = 180, **env: str
+) -> Iterator[subprocess.Popen]:
+    """Run a server in its own process group until `ready_url` answers; stop the group after.
+
+    A group because `mlflow server` and `mlflow models serve` start their web
+    server as a child process.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=pipeline_env(**env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(ready_url, timeout=5).close()
+                break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{ready_url} not up in {timeout_s} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, pipeline_env, run_cli
+from conftest import ROOT, free_port, pipeline_env, run_cli, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +133,7 @@ def test_mlflow_run_holds_params_curves_model_and_tags(project):
 
 def test_challenger_loads_with_pyfunc_and_matches_eval(project):
     import mlflow
+    import pandas as pd
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     version = client(project).get_model_version_by_alias(MODEL_NAME, "challenger")
@@ -140,9 +141,11 @@ def test_challenger_loads_with_pyfunc_and_matches_eval(project):
     assert version.tags["architecture"] == "simple_cnn"
     assert "test_top1" in version.tags and version.tags["git_commit"]
     model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@challenger")
-    images = np.load(project / "data/prepared/test_images.npy").astype(np.float32)
+    images = np.load(project / "data/prepared/test_images.npy")
     labels = np.load(project / "data/prepared/test_labels.npy")
-    top1 = float((np.asarray(model.predict(images)).argmax(axis=1) == labels).mean())
+    classes = json.loads((project / "data/prepared/data_card.json").read_text())["classes"]
+    answer = model.predict(pd.DataFrame({"array": [image.tolist() for image in images]}))
+    top1 = float((answer["class"].to_numpy() == np.array(classes)[labels]).mean())
     assert top1 == pytest.approx(read_metrics(project)["test_top1"])
 
 
@@ -230,6 +233,61 @@ def test_predict_with_a_registered_model(project):
     assert missing.stderr.count("\n") == 1 and "predict --model" in missing.stderr
     for name in ("v1.csv", "c.csv", "local.csv"):
         (project / name).unlink()
+
+
+def test_served_champion_answers_images_like_the_model_in_process(project, tmp_path):
+    """`mlflow models serve` on 127.0.0.1, queried as a client would: base64 PNGs and arrays."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    uri = f"models:/{MODEL_NAME}@champion"
+    port = free_port()
+    serve = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+    serve += ["--host", "127.0.0.1", "--port", str(port)]
+
+    def invoke(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    files = sorted((project / "data/raw/3").glob("*.png"))[:40]
+    encoded = [f.read_bytes() for f in files]
+    mlflow.set_tracking_uri(store)
+    local = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": encoded}))
+    assert (local["class"] == "3").mean() > 0.9
+
+    ready = f"http://127.0.0.1:{port}/ping"
+    with server_process(serve, project, ready, tmp_path / "serve.log", MLFLOW_TRACKING_URI=store):
+        b64 = [[base64.b64encode(data).decode("ascii")] for data in encoded]
+        status, answer = invoke({"dataframe_split": {"columns": ["image"], "data": b64}})
+        assert status == 200, answer
+        served = pd.DataFrame(answer["predictions"])
+        assert list(served["class"]) == list(local["class"])
+        np.testing.assert_allclose(served["probability"], local["probability"], rtol=1e-5)
+        assert [row[0] for row in served["top5"]] == list(served["class"])
+        assert set(served["probabilities"][0]) == {str(d) for d in range(10)}
+
+        arrays = [np.asarray(Image.open(f)).tolist() for f in files[:5]]
+        status, answer = invoke({"dataframe_records": [{"array": a} for a in arrays]})
+        assert status == 200, answer
+        assert [row["class"] for row in answer["predictions"]] == list(local["class"][:5])
+
+        junk = base64.b64encode(b"not an image").decode("ascii")
+        status, answer = invoke({"dataframe_records": [{"image": junk}]})
+        assert status == 400 and "not a decodable image" in answer["message"]
 
 
 def test_dvc_exp_run_makes_a_second_comparable_run(project):

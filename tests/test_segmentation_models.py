@@ -80,13 +80,26 @@ def test_model_trains_a_step_saves_reloads_and_logs(arch, encoder, upsampling, s
     np.testing.assert_allclose(reloaded.predict_on_batch(images), probs, rtol=1e-4, atol=1e-5)
 
     import mlflow
+    import pandas as pd
 
     from pipeline import tracking
 
     with tracking.training_run("segmentation", run_name=arch, params={}, tags={}):
-        uri = tracking.log_model(model, input_shape=SHAPE)
-    logged = mlflow.keras.load_model(uri)
+        card = {
+            "classes": [f"c{i}" for i in range(NUM_CLASSES)],
+            "image_shape": list(SHAPE),
+            "task": "segmentation",
+        }
+        uri = tracking.log_model(model, card=card)
+    logged = tracking.load_keras_model(uri)
     np.testing.assert_allclose(logged.predict_on_batch(images), probs, rtol=1e-4, atol=1e-5)
+    # the pyfunc: an image of another size in, a mask of that size out
+    served = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"array": [images[0][::2, ::2].tolist()]})
+    )
+    mask = np.asarray(served["mask"][0])
+    assert mask.shape == (SHAPE[0] // 2, SHAPE[1] // 2) and mask.max() < NUM_CLASSES
+    assert set(served["classes_present"][0]) == {card["classes"][i] for i in np.unique(mask)}
     keras.backend.clear_session()
 
 

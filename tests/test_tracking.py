@@ -40,11 +40,14 @@ def test_default_store_is_sqlite_with_artifacts_in_mlartifacts(store):
     assert experiment.artifact_location == (store / "mlartifacts").as_uri()
 
 
+CARD = {"classes": ["cat", "dog", "eel"], "image_shape": [8, 8, 1], "task": "classification"}
+
+
 def register_version(name: str, top1: float) -> str:
     """A real tiny model, logged in a run with `test_top1`, registered as a new version."""
     model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
     with tracking.training_run("exp", run_name="t", params={"p": 1}, tags={}) as run_id:
-        model_uri = tracking.log_model(model, input_shape=(8, 8, 1))
+        model_uri = tracking.log_model(model, card=CARD)
         tracking.log_metrics({"test_top1": top1})
     return tracking.register(
         {"run_id": run_id, "model_uri": model_uri}, name, metrics={"test_top1": top1}
@@ -138,17 +141,52 @@ def test_promote_errors_name_the_problem(store):
         tracking.promote("m", version=None, metric="val_top1", higher_is_better=True, force=False)
 
 
-def test_logged_model_predicts_like_keras(store):
+def test_logged_model_takes_encoded_images_and_arrays_at_any_size(store, tmp_path):
+    """The pyfunc decodes and resizes like `prepare`, and answers with class names."""
     import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.data.prepare import load_image
 
     model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
     with tracking.training_run("exp", run_name="t", params={}, tags={}):
-        uri = tracking.log_model(model, input_shape=(8, 8, 1))
-    images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 1)).astype(np.float32)
-    loaded = mlflow.pyfunc.load_model(uri)
-    np.testing.assert_allclose(
-        np.asarray(loaded.predict(images)),
-        keras.ops.convert_to_numpy(model(images)),
-        rtol=1e-5,
-        atol=1e-6,
+        uri = tracking.log_model(model, card=CARD)
+    rng = np.random.default_rng(0)
+    pixels = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((20, 30, 3), (8, 8), (5, 9, 4))
+    ]
+    paths, encoded = [], []
+    for i, array in enumerate(pixels):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+        encoded.append(path.read_bytes())
+    expected = keras.ops.convert_to_numpy(
+        model(np.stack([load_image(p, (8, 8), 1) for p in paths]).astype(np.float32))
     )
+
+    loaded = mlflow.pyfunc.load_model(uri)
+    for frame in (
+        pd.DataFrame({"image": encoded}),
+        pd.DataFrame({"array": [a.tolist() for a in pixels]}),
+    ):
+        out = loaded.predict(frame)
+        assert list(out.columns) == [
+            "class",
+            "probability",
+            "top5",
+            "top5_probabilities",
+            "probabilities",
+        ]
+        probs = np.array([[row[c] for c in CARD["classes"]] for row in out["probabilities"]])
+        np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+        assert list(out["class"]) == [CARD["classes"][i] for i in expected.argmax(axis=1)]
+        assert [row[0] for row in out["top5"]] == list(out["class"])
+        assert all(len(row) == 3 for row in out["top5"])  # top-5 of 3 classes: all of them
+    assert loaded.metadata.metadata["classes"] == CARD["classes"]
+
+    with pytest.raises(Exception, match="row 0: 'image' is not a decodable image"):
+        loaded.predict(pd.DataFrame({"image": [b"not an image"]}))
+    with pytest.raises(Exception, match=r"row 0: 'array' must be \(H, W\)"):
+        loaded.predict(pd.DataFrame({"array": [[[1, 2], [3]]]}))

@@ -98,10 +98,9 @@ def test_model_trains_saves_reloads_and_logs(name, store, tmp_path):
     reloaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(predict(reloaded), probs, rtol=1e-4, atol=1e-5)
 
-    import mlflow
-
     with tracking.training_run("zoo", run_name=name, params={"model.arch": name}, tags={}):
-        uri = tracking.log_model(model, input_shape=shape)
-    logged = mlflow.keras.load_model(uri)
+        card = {"classes": [f"c{i}" for i in range(NUM_CLASSES)], "image_shape": list(shape)}
+        uri = tracking.log_model(model, card=card)
+    logged = tracking.load_keras_model(uri)
     np.testing.assert_allclose(predict(logged), probs, rtol=1e-4, atol=1e-5)
     keras.backend.clear_session()

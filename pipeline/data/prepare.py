@@ -71,18 +71,24 @@ def _read_source(raw_dir: Path) -> dict:
 def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     """Decode one image to uint8 (height, width, channels) for `size` = (height, width),
     whatever its mode or bit depth."""
-    height, width = size
     try:
         with Image.open(path) as img:
             img.load()
-            img = _to_8bit(img)
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+            return to_model_input(img, size, channels)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"prepare: cannot decode image {path} ({exc.__class__.__name__})") from None
-    return array.reshape(height, width, channels)
+
+
+def to_model_input(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """A decoded image as the model's uint8 (height, width, channels) input: 8-bit, grey or
+    RGB (alpha dropped), bilinear resize to `size` = (height, width). Training, evaluate,
+    predict and the served model all go through here."""
+    height, width = size
+    img = _to_8bit(img)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
