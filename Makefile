@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine with Python 3.11:
 #   make run   - create .venv, install, run the pipeline (`dvc repro`) on the offline digits data
 #   make test  - create .venv, install with test extras, lint and run the test suite
+#                (installs Debian's chromium and postgresql for the browser and server tests)
 # The first Python >= 3.11.4 on PATH (tarfile's safe extraction filters arrived in 3.11.4).
 PYTHON ?= $(shell for p in python3.11 python3.12 python3 python; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))' \
@@ -11,7 +12,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test lint
+.PHONY: run test lint services
 .DEFAULT_GOAL := run
 
 $(BIN)/python:
@@ -38,6 +39,21 @@ lint: $(VENV)/.installed-test
 # segmentation model tests again on JAX (the GPU machines have JAX and no TensorFlow).
 # Two workers. On TensorFlow each takes a whole file at a time: the end-to-end tests of
 # test_e2e.py share one project and run in order, as a user's session would.
-test: lint
+# The browser test drives Debian's chromium; the team-server test starts Debian's PostgreSQL.
+# Installed here when missing (root or sudo); PIPELINE_REQUIRE_SERVICES=0 skips those tests
+# instead of failing them on a machine that cannot install packages.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PIPELINE_REQUIRE_SERVICES ?= 1
+
+services:
+	@if [ "$(PIPELINE_REQUIRE_SERVICES)" = 1 ] && { [ ! -x /usr/bin/chromium ] || \
+	    ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }; then \
+	  echo "installing chromium and postgresql (Debian packages)"; \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends chromium postgresql >/dev/null || \
+	  { $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq --no-install-recommends chromium postgresql >/dev/null; }; \
+	fi
+
+test: lint services
 	python -m pytest -n 2 --dist loadfile
 	KERAS_BACKEND=jax python -m pytest -n 2 --dist load tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py tests/test_segmentation_models.py

@@ -75,7 +75,9 @@ def ensure_experiment(name: str) -> str:
     # Not `"MLFLOW_TRACKING_URI" in os.environ`: mlflow.set_tracking_uri exports it.
     if tracking_uri() == default_tracking_uri():
         location = (project_root() / DEFAULT_ARTIFACTS).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    # The MLflow UI opens a "custom model development" experiment on its runs, not on GenAI traces.
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    return mlflow.create_experiment(name, artifact_location=location, tags=kind)
 
 
 def source_tags() -> dict[str, str]:

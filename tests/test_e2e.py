@@ -7,8 +7,10 @@ experiment, promote.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +23,7 @@ from conftest import ROOT, free_port, pipeline_env, run_cli, server_process
 pytestmark = pytest.mark.slow
 
 MODEL_NAME = "digits-classifier"
+CHROMIUM = "/usr/bin/chromium"
 
 
 def sh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -288,6 +291,93 @@ def test_served_champion_answers_images_like_the_model_in_process(project, tmp_p
         junk = base64.b64encode(b"not an image").decode("ascii")
         status, answer = invoke({"dataframe_records": [{"image": junk}]})
         assert status == 400 and "not a decodable image" in answer["message"]
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's headless Chromium driven by Playwright (the project installs the browser)."""
+    if not Path(CHROMIUM).exists():
+        reason = f"{CHROMIUM} not installed (apt-get install chromium)"
+        if os.environ.get("PIPELINE_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    flags += ["--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        try:
+            yield browser.new_page(viewport={"width": 1600, "height": 1000})
+        finally:
+            browser.close()
+
+
+def test_mlflow_ui_shows_runs_curves_plots_and_the_registered_model(project, tmp_path):
+    """The MLflow UI over the project's store, in a real browser, as a user browses it.
+
+    Screenshots go to tmp_path, or to $PIPELINE_UI_SCREENSHOTS (docs/mlflow-ui for the docs).
+    """
+    from playwright.sync_api import expect
+
+    shots = Path(os.environ.get("PIPELINE_UI_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    first = runs(project)[0]
+    experiment = first.info.experiment_id
+    port = free_port()
+    server = ["mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"]
+    server += ["--host", "127.0.0.1", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}/#"
+    training = "workflowType=machine_learning"  # the UI's "Model training" view
+    with (
+        server_process(server, project, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"),
+        chromium() as page,
+    ):
+        page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
+
+        page.goto(f"{base}/experiments/{experiment}?{training}")
+        expect(page.get_by_text("digits-cnn").first).to_be_visible()
+        expect(page.get_by_role("link", name="simple_cnn")).to_have_count(len(runs(project)))
+        expect(page.get_by_text(f"{MODEL_NAME}").first).to_be_visible()
+        assistant = page.get_by_role("button", name="Close")  # MLflow's chat panel: not ours
+        if assistant.count():
+            assistant.click()
+        page.screenshot(path=shots / "runs.png")
+
+        run_page = f"{base}/experiments/{experiment}/runs/{first.info.run_id}"
+        page.goto(f"{run_page}?{training}")
+        top1 = f"{first.data.metrics['test_top1']}"
+        expect(page.get_by_role("cell", name="test_top1", exact=True)).to_be_visible()
+        expect(page.get_by_role("cell", name=top1, exact=True)).to_be_visible()
+        expect(page.get_by_role("cell", name="model.arch", exact=True)).to_be_visible()
+        page.screenshot(path=shots / "run.png")
+
+        page.goto(f"{run_page}/model-metrics?{training}")
+        search = page.get_by_placeholder("Search metric charts")
+        for metric in ("val_loss", "learning_rate", "train_accuracy", "val_accuracy"):
+            search.fill(metric)
+            # a line chart over epochs has this legend; a single value gets a bar
+            expect(page.get_by_text(f"{first.info.run_name} ({metric})")).to_be_visible()
+        search.fill("val_")
+        page.screenshot(path=shots / "curves.png")
+
+        page.goto(f"{run_page}/artifacts/plots/confusion_matrix.png?{training}")
+        image = page.get_by_alt_text("plots/confusion_matrix.png")  # fetched as a blob
+        expect(image).to_be_visible()
+        page.wait_for_function(
+            "img => img.complete && img.naturalWidth > 100", arg=image.element_handle()
+        )
+        page.screenshot(path=shots / "confusion_matrix.png")
+
+        page.goto(f"{base}/models/{MODEL_NAME}?{training}")
+        registry = client(project)
+        for alias in ("champion", "challenger"):
+            version = registry.get_model_version_by_alias(MODEL_NAME, alias).version
+            row = page.get_by_role("row").filter(has_text=f"Version {version}")
+            expect(row.get_by_text(f"@ {alias}")).to_be_visible()
+        expect(page.get_by_text("Version 1", exact=True)).to_be_visible()
+        page.screenshot(path=shots / "registered_model.png")
 
 
 def test_dvc_exp_run_makes_a_second_comparable_run(project):
