@@ -115,6 +115,21 @@ def cmd_models(args: argparse.Namespace) -> None:
     print(json.dumps(cards, indent=2) if args.json else card.format_table(cards))
 
 
+def cmd_server(args: argparse.Namespace) -> None:
+    from pipeline import server
+
+    server.run(
+        server.resolve(
+            backend_store_uri=args.backend_store_uri,
+            artifacts_destination=args.artifacts_destination,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            allowed_hosts=args.allowed_hosts,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -180,6 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--small-input", action="store_true", help="CIFAR-style stems (model.small_input)"
     )
     models.set_defaults(func=cmd_models)
+    server = commands.add_parser(
+        "server",
+        help="MLflow tracking server for a team: PostgreSQL store, proxied artifacts "
+        "(docs/team-server.md)",
+    )
+    server.add_argument(
+        "--backend-store-uri",
+        metavar="URI",
+        help="runs and registry, e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
+        "(default: $MLFLOW_BACKEND_STORE_URI, else this project's sqlite mlflow.db)",
+    )
+    server.add_argument(
+        "--artifacts-destination",
+        metavar="DIR_OR_URI",
+        help="where the server keeps artifacts it proxies (default: this project's mlartifacts/)",
+    )
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1: this machine)"
+    )
+    server.add_argument("--port", type=int, default=5000, help="default: 5000")
+    server.add_argument("--workers", type=int, help="uvicorn worker processes (default: 4)")
+    server.add_argument(
+        "--allowed-hosts",
+        metavar="HOSTS",
+        help="Host headers to accept, comma-separated, e.g. mlflow.example.com "
+        "(default: MLflow's, localhost and private IPs)",
+    )
+    server.set_defaults(func=cmd_server)
     return parser
 
 
