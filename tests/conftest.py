@@ -53,6 +53,58 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
     )
 
 
+def sh(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a command that must succeed (its output in the failure message)."""
+    done = subprocess.run(
+        args, cwd=cwd, text=True, capture_output=True, env=pipeline_env(**env), timeout=900
+    )
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def project_files() -> list[str]:
+    """The files of this checkout that git would ship (tracked or not ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [f for f in listed if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/"))]
+
+
+def copy_project(repo: Path, edit_params=None) -> Path:
+    """This project's shipped files in a fresh git repo at `repo`, committed.
+
+    `edit_params(params)` may change the params.yaml dict before the commit.
+    """
+    import shutil
+
+    import yaml
+
+    for name in project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    if edit_params:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        edit_params(params)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "config", "user.email", "test@example.com"], repo)
+    sh(["git", "config", "user.name", "test"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "project"], repo)
+    return repo
+
+
+def missing_service(reason: str):
+    """Skip, or fail where `make test` promises the services (PIPELINE_REQUIRE_SERVICES=1)."""
+    if os.environ.get("PIPELINE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"PIPELINE_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

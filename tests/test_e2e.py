@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, free_port, pipeline_env, run_cli, server_process
+from conftest import (
+    copy_project,
+    free_port,
+    missing_service,
+    pipeline_env,
+    run_cli,
+    server_process,
+    sh,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,38 +34,10 @@ MODEL_NAME = "digits-classifier"
 CHROMIUM = "/usr/bin/chromium"
 
 
-def sh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        args, cwd=cwd, text=True, capture_output=True, env=pipeline_env(), timeout=900
-    )
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
-
-
-def project_files() -> list[str]:
-    """The files of this checkout that git would ship (tracked or not ignored)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return [f for f in listed if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/"))]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A fresh git + DVC repo holding this project, after one `dvc repro`."""
-    repo = tmp_path_factory.mktemp("project")
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "config", "user.email", "test@example.com"], repo)
-    sh(["git", "config", "user.name", "test"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "project"], repo)
+    repo = copy_project(tmp_path_factory.mktemp("project"))
     assert (repo / ".dvc" / "config").exists()  # the project ships its DVC setup
     sh(["dvc", "repro"], repo)
     sh(["git", "add", "-A"], repo)
@@ -297,10 +277,7 @@ def test_served_champion_answers_images_like_the_model_in_process(project, tmp_p
 def chromium():
     """Debian's headless Chromium driven by Playwright (the project installs the browser)."""
     if not Path(CHROMIUM).exists():
-        reason = f"{CHROMIUM} not installed (apt-get install chromium)"
-        if os.environ.get("PIPELINE_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_service(f"{CHROMIUM} not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]

@@ -29,29 +29,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT, free_port, pipeline_env, run_cli, server_process
+from conftest import (
+    ROOT,
+    copy_project,
+    free_port,
+    missing_service,
+    pipeline_env,
+    run_cli,
+    server_process,
+    sh,
+)
 
 from pipeline import server
 
 MODEL_NAME = "digits-classifier"
 EXPERIMENT = "digits-cnn"
 WORKERS = 2
-
-
-def missing_service(reason: str):
-    """Skip, or fail where CI promises the services (PIPELINE_REQUIRE_SERVICES=1)."""
-    if os.environ.get("PIPELINE_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"PIPELINE_REQUIRE_SERVICES=1 but {reason}")
-    pytest.skip(reason)
-
-
-def sh(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        args, cwd=cwd, text=True, capture_output=True, env=pipeline_env(**env), timeout=900
-    )
-    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
 
 
 def one_line_error(done: subprocess.CompletedProcess, option: str) -> str:
@@ -279,34 +272,13 @@ def team_server(postgres, tmp_path_factory) -> Iterator[dict]:
         }
 
 
-def project_files() -> list[str]:
-    """The files of this checkout that git would ship (tracked or not ignored)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return [f for f in listed if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/"))]
-
-
 @pytest.fixture(scope="module")
 def project(team_server, tmp_path_factory) -> Path:
     """A project copy that ran `dvc repro` (5 epochs) and `promote` against the team server."""
-    repo = tmp_path_factory.mktemp("project")
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    params_file = repo / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["train"].update(epochs=5, warmup_epochs=1)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "config", "user.email", "test@example.com"], repo)
-    sh(["git", "config", "user.name", "test"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "project"], repo)
+    repo = copy_project(
+        tmp_path_factory.mktemp("project"),
+        lambda params: params["train"].update(epochs=5, warmup_epochs=1),
+    )
     url = team_server["url"]
     sh(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=url)
     done = run_cli(["promote"], repo, MLFLOW_TRACKING_URI=url)
