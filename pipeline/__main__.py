@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from pipeline import config
 from pipeline.errors import ConfigError, PipelineError
+
+STAGES = ("fetch", "prepare", "train", "evaluate", "register")
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
@@ -130,6 +133,49 @@ def cmd_server(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from pipeline import bench
+
+    archs = bench.check_options(
+        _names(args.arch),
+        _names(args.backend),
+        _names(args.precision),
+        args.peer == "timm",
+        args.data,
+    )
+    xla = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
+    planned = bench.cases(
+        archs,
+        backends=_names(args.backend),
+        precisions=_names(args.precision),
+        xla=xla,
+        peer=args.peer == "timm",
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        data=args.data,
+        small_input=not args.imagenet_stem,
+    )
+    command = bench.command_line(sys.argv[1:])
+    markdown = args.out.with_suffix(".md")
+    records = bench.sweep(planned, args.out, markdown, command)
+    print(f"bench: {len(records)} cases -> {args.out}, {markdown}")
+    if args.baseline:
+        for line in bench.compare_with_baseline(records, args.baseline):
+            print(line)
+    if args.mlflow:
+        from pipeline import tracking
+
+        run_id = tracking.log_bench(records, [args.out, markdown], command)
+        print(f"bench: logged as MLflow run {run_id}")
+
+
+def _names(values: list[str]) -> list[str]:
+    """`a,b c` -> [a, b, c]."""
+    return [name for value in values for name in value.split(",") if name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -223,14 +269,43 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: MLflow's, localhost and private IPs)",
     )
     server.set_defaults(func=cmd_server)
+    bench = commands.add_parser(
+        "bench",
+        help="training/inference throughput, memory and FLOP/s per architecture, precision, "
+        "XLA and backend, beside PyTorch/timm (docs/benchmarks.md)",
+    )
+    bench.add_argument("--arch", nargs="+", default=["resnet18"], help="names, or all")
+    bench.add_argument("--backend", nargs="+", default=["tensorflow"], help="Keras backends")
+    bench.add_argument(
+        "--precision", nargs="+", default=["float32"], help="float32 mixed_bfloat16 mixed_float16"
+    )
+    bench.add_argument("--xla", choices=["off", "on", "both"], default="off")
+    bench.add_argument("--image-size", type=int, default=32, help="synthetic side (default 32)")
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    bench.add_argument("--data", default="synthetic", help="synthetic, or prepared (data/prepared)")
+    bench.add_argument(
+        "--imagenet-stem", action="store_true", help="ImageNet stems instead of small-input ones"
+    )
+    bench.add_argument("--peer", choices=["none", "timm"], default="none", help="PyTorch/timm too")
+    bench.add_argument(
+        "--out", type=Path, default=Path("bench/results.jsonl"), help="JSON lines (+ .md table)"
+    )
+    bench.add_argument("--baseline", type=Path, help="an earlier .jsonl: print ratios against it")
+    bench.add_argument("--mlflow", action="store_true", help="log the results as an MLflow run")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    start = time.perf_counter()
     try:
         args.func(args)
+        if args.command in STAGES:  # `dvc repro` then shows each stage's wall time
+            print(f"{args.command}: {time.perf_counter() - start:.1f} s wall time")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -413,6 +413,35 @@ def _naming_the_uri(model_uri: str, key: str) -> Iterator[None]:
         raise ConfigError(f"{key} {model_uri!r}: {exc.strerror or exc}") from None
 
 
+def log_bench(records: list[dict], files: list[Path], command: str) -> str:
+    """A benchmark sweep as a run of experiment `bench`: per-case metrics and the files."""
+    import re
+
+    mlflow = _mlflow()
+    with mlflow.start_run(experiment_id=ensure_experiment("bench"), run_name="bench") as run:
+        mlflow.set_tags({"command": command, **source_tags()})
+        first = records[0] if records else {}
+        mlflow.log_params(
+            {k: first[k] for k in ("image_size", "batch_size", "steps", "warmup", "data")
+             if k in first} | {"machine": first.get("machine", "")}
+        )  # fmt: skip
+        for r in records:
+            if r["status"] != "ok":
+                continue
+            prefix = re.sub(r"[^\w.-]", "_", f"{r['arch']}.{r['framework']}.{r['backend']}.")
+            prefix += f"{r['precision']}.{'xla' if r['xla'] else 'noxla'}"
+            mlflow.log_metrics(
+                {
+                    f"{prefix}.train_images_per_s": r["train_images_per_s"],
+                    f"{prefix}.infer_images_per_s": r["infer_images_per_s"],
+                    f"{prefix}.peak_host_mb": r["peak_host_mb"],
+                }
+            )
+        for path in files:
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
+
+
 REPORT_TAG = "pipeline.report"
 
 

@@ -1,0 +1,338 @@
+"""`python -m pipeline bench`: what an architecture costs to train and run, per precision,
+XLA setting and backend, with PyTorch/timm measured beside it.
+
+Every combination runs in a process of its own (`python -m pipeline.bench_worker`):
+the Keras backend is fixed per process, peak host memory is the worker's own,
+global state (dtype policy, compiled functions) cannot leak from one case into
+the next, and a crash or out-of-memory is recorded as that case's failure
+while the sweep goes on.
+
+A worker measures, after `warmup` steps, `steps` timed training steps (each
+one synchronized: Keras's `train_on_batch` returns host floats, torch's loop
+calls `.item()`), the same number of inference batches, the input pipeline
+alone (the trainer's own `ArrayBatches` over the same data), the first step's
+time (compilation included), peak host and device memory, and MACs per image.
+Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes
+(forward, and backward for activations and weights), as is usual.
+
+Results: one JSON object per case appended to a `.jsonl` file, and a markdown
+table with the machine, versions, date and command in its header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+BACKENDS = ("tensorflow", "jax", "torch")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+FRAMEWORKS = ("keras", "timm")
+# timm's names for this zoo's architectures (the peer builds these).
+TIMM_NAMES = {
+    "resnet18": "resnet18",
+    "resnet34": "resnet34",
+    "resnet50": "resnet50",
+    "resnext50_32x4d": "resnext50_32x4d",
+    "mobilenet_v2": "mobilenetv2_100",
+    "mobilenet_v3_large": "mobilenetv3_large_100",
+    "efficientnet_b0": "efficientnet_b0",
+    "densenet121": "densenet121",
+    "convnext_tiny": "convnext_tiny",
+    "vgg16": "vgg16",
+    "vit_tiny": "vit_tiny_patch16_224",
+}
+CASE_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured combination."""
+
+    arch: str
+    framework: str = "keras"  # or "timm" (PyTorch)
+    backend: str = "tensorflow"  # Keras backend; "torch" for timm
+    precision: str = "float32"
+    xla: bool = False  # Keras jit_compile; torch.compile for timm
+    image_size: int = 32
+    batch_size: int = 64
+    steps: int = 20
+    warmup: int = 3
+    data: str = "synthetic"  # or "prepared": the train split of data/prepared
+    prepared_dir: str = "data/prepared"
+    num_classes: int = 10
+    small_input: bool = True
+
+    def key(self) -> tuple:
+        """What a baseline row must match to be compared with this one."""
+        return (self.arch, self.framework, self.backend, self.precision, self.xla)
+
+    def label(self) -> str:
+        xla = "xla" if self.xla else "no-xla"
+        return f"{self.arch} {self.framework}/{self.backend} {self.precision} {xla}"
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str = "ok"  # ok | failed | skipped
+    error: str = ""
+    figures: dict = field(default_factory=dict)
+
+    def record(self, context: dict) -> dict:
+        return {**asdict(self.case), "status": self.status, "error": self.error,
+                **self.figures, **context}  # fmt: skip
+
+
+def cases(
+    archs: list[str],
+    *,
+    backends: list[str],
+    precisions: list[str],
+    xla: list[bool],
+    peer: bool,
+    **common,
+) -> list[Case]:
+    """Every (arch, backend, precision, xla) case, and with `peer` the timm case of each
+    (arch, precision, xla) next to them."""
+    out = []
+    for arch in archs:
+        for precision in precisions:
+            for jit in xla:
+                out += [Case(arch, "keras", b, precision, jit, **common) for b in backends]
+                if peer:
+                    out.append(Case(arch, "timm", "torch", precision, jit, **common))
+    return out
+
+
+def check_options(archs: list[str], backends, precisions, peer: bool, data: str) -> list[str]:
+    """Validate names; expand `all`. Returns the architecture list."""
+    from pipeline.models.registry import list_models
+
+    known = list_models()
+    if archs == ["all"]:
+        archs = known
+    for arch in archs:
+        if arch not in known:
+            raise ConfigError(
+                f"bench --arch: unknown architecture {arch!r} (see `pipeline models`)"
+            )
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ConfigError(f"bench --backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"bench --precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
+    if data not in ("synthetic", "prepared"):
+        raise ConfigError(f"bench --data: {data!r} is not synthetic or prepared")
+    if peer:
+        missing = [a for a in archs if a not in TIMM_NAMES]
+        if missing:
+            raise ConfigError(
+                f"bench --peer timm: no timm counterpart for {', '.join(missing)} "
+                f"(known: {', '.join(sorted(TIMM_NAMES))})"
+            )
+    return archs
+
+
+def run_case(case: Case, *, timeout_s: float = CASE_TIMEOUT_S) -> Result:
+    """Measure one case in a fresh worker process; a crash or timeout is a failed Result."""
+    if case.framework == "keras" and case.backend == "jax" and not case.xla:
+        return Result(case, "skipped", "the JAX backend always compiles with XLA")
+    env = dict(os.environ)
+    if case.framework == "keras":
+        env["KERAS_BACKEND"] = case.backend
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    command = [sys.executable, "-m", "pipeline.bench_worker", json.dumps(asdict(case))]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return Result(case, "failed", f"timed out after {timeout_s:.0f} s")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return Result(case, "failed", _failure(done))
+    return Result(case, figures=json.loads(lines[-1]))
+
+
+def _failure(done: subprocess.CompletedProcess) -> str:
+    """The last meaningful line of a worker's stderr (an OOM kill has none)."""
+    if done.returncode < 0:
+        return f"killed by signal {-done.returncode} (out of memory?)"
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or line.startswith("error: ")]
+    if errors and errors[-1].startswith("error: "):
+        return errors[-1].removeprefix("error: ")[:300]
+    return (errors or lines or [f"exit {done.returncode}"])[-1][:300]
+
+
+def context(command: str) -> dict:
+    """Machine, versions, date and command: written with every record."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("keras", "tensorflow", "jax", "jaxlib", "torch", "timm", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[package] = version(package)
+    return {
+        "machine": machine(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def sweep(
+    planned: list[Case], jsonl: Path, markdown: Path | None, command: str, *, echo=print
+) -> list[dict]:
+    """Run every case in turn, appending each record to `jsonl` as it lands."""
+    info = context(command)
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, case in enumerate(planned, 1):
+        result = run_case(case)
+        record = result.record(info)
+        records.append(record)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        echo(f"[{i}/{len(planned)}] {case.label()}: {summary(record)}")
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table(records, info))
+    return records
+
+
+def summary(record: dict) -> str:
+    if record["status"] != "ok":
+        return f"{record['status']}: {record['error']}"
+    text = (
+        f"train {record['train_images_per_s']:.0f} img/s, "
+        f"infer {record['infer_images_per_s']:.0f} img/s, "
+        f"{record['mmacs_per_image']:.1f} MMACs/img"
+    )
+    if record.get("input_images_per_s"):
+        text += f", input {record['input_images_per_s']:.0f} img/s"
+    return text
+
+
+COLUMNS = [
+    ("arch", "arch"),
+    ("framework", "framework"),
+    ("backend", "backend"),
+    ("precision", "precision"),
+    ("XLA", "xla"),
+    ("batch", "batch_size"),
+    ("train img/s", "train_images_per_s"),
+    ("step ms (median, IQR)", "step"),
+    ("infer img/s", "infer_images_per_s"),
+    ("input img/s", "input_images_per_s"),
+    ("first step s", "first_step_s"),
+    ("host MB", "peak_host_mb"),
+    ("device MB", "peak_device_mb"),
+    ("MMACs/img", "mmacs_per_image"),
+    ("train GFLOP/s", "train_gflops_per_s"),
+    ("vs timm (train)", "vs_timm"),
+]
+
+
+def table(records: list[dict], info: dict) -> str:
+    """A markdown table in the style of timm's benchmark CSVs, headed by the context."""
+    peers = {
+        (r["arch"], r["precision"], r["xla"]): r
+        for r in records
+        if r["framework"] == "timm" and r["status"] == "ok"
+    }
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    lines = [
+        f"Machine: {info['machine']}  ",
+        f"Versions: {versions}  ",
+        f"Date: {info['date']}  ",
+        f"Command: `{info['command']}`",
+        "",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|"
+        + "|".join(
+            "---" if key in ("arch", "framework", "backend", "precision") else "---:"
+            for _, key in COLUMNS
+        )
+        + "|",  # fmt: skip
+    ]
+    for r in records:
+        lines.append("| " + " | ".join(_cell(r, key, peers) for _, key in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(r: dict, key: str, peers: dict) -> str:
+    if key in ("arch", "framework", "backend", "precision", "batch_size"):
+        return str(r[key])
+    if key == "xla":
+        return "on" if r["xla"] else "off"
+    if r["status"] != "ok":
+        return f"{r['status']}: {r['error'][:60]}" if key == "train_images_per_s" else ""
+    if key == "step":
+        return f"{r['step_ms_median']:.1f} ({r['step_ms_p25']:.1f}–{r['step_ms_p75']:.1f})"
+    if key == "vs_timm":
+        peer = peers.get((r["arch"], r["precision"], r["xla"]))
+        if r["framework"] == "timm" or not peer:
+            return ""
+        return f"{r['train_images_per_s'] / peer['train_images_per_s']:.2f}×"
+    value = r.get(key)
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def compare_with_baseline(records: list[dict], baseline: Path) -> list[str]:
+    """Lines of new/old ratios for training and inference images/s, per matching case."""
+    try:
+        old = [json.loads(line) for line in baseline.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"bench --baseline: cannot read {baseline} ({exc})") from None
+    by_key = {_key(r): r for r in old if r.get("status") == "ok"}
+    lines = []
+    for r in records:
+        before = by_key.get(_key(r))
+        if r["status"] != "ok" or not before:
+            continue
+        lines.append(
+            f"{Case(**_case_fields(r)).label()}: train "
+            f"{r['train_images_per_s'] / before['train_images_per_s']:.2f}×, infer "
+            f"{r['infer_images_per_s'] / before['infer_images_per_s']:.2f}× of {baseline.name}"
+        )
+    return lines
+
+
+def _key(r: dict) -> tuple:
+    return (r["arch"], r["framework"], r["backend"], r["precision"], r["xla"],
+            r["image_size"], r["batch_size"])  # fmt: skip
+
+
+def _case_fields(r: dict) -> dict:
+    names = Case.__dataclass_fields__
+    return {k: v for k, v in r.items() if k in names}
+
+
+def command_line(argv: list[str]) -> str:
+    return "python -m pipeline " + " ".join(shlex.quote(a) for a in argv)

@@ -1,0 +1,301 @@
+"""One benchmark case, in a process of its own: `python -m pipeline.bench_worker CASE_JSON`.
+
+Prints one JSON object of figures on its last stdout line (see `pipeline.bench`).
+Keras cases run on the backend KERAS_BACKEND names; timm cases on PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.bench import Case
+    from pipeline.errors import PipelineError
+
+    case = Case(**json.loads(argv[0]))
+    try:
+        images, labels, num_classes = data(case)
+        measure = keras_case if case.framework == "keras" else timm_case
+        figures = measure(case, images, labels, num_classes)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    figures["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(figures))
+    return 0
+
+
+def data(case) -> tuple[np.ndarray, np.ndarray, int]:
+    """uint8 images and int labels, enough for a few distinct batches."""
+    count = case.batch_size * 4
+    if case.data == "prepared":
+        from pathlib import Path
+
+        from pipeline.data.loader import load_split
+        from pipeline.data.prepare import read_card
+
+        images, labels = load_split(Path(case.prepared_dir), "train")
+        num_classes = read_card(Path(case.prepared_dir))["num_classes"]
+        return images, np.asarray(labels), num_classes
+    rng = np.random.default_rng(0)
+    side = case.image_size
+    images = rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+    return images, rng.integers(0, case.num_classes, count), case.num_classes
+
+
+def step_figures(times: list[float], batch: int) -> dict:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return {
+        "images_per_s": batch * len(times) / sum(times),
+        "ms_median": 1000 * statistics.median(times),
+        "ms_p25": 1000 * quartiles[0],
+        "ms_p75": 1000 * quartiles[-1],
+    }
+
+
+def timed(fn, count: int) -> list[float]:
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def input_pipeline(case, images, labels, num_classes) -> float:
+    """Images/s of the trainer's own batching (uint8 → float32 cut, one-hot) alone."""
+    from pipeline.data.loader import ArrayBatches
+
+    batches = ArrayBatches(images, labels, case.batch_size, shuffle=True, num_classes=num_classes)
+    count = min(len(batches), max(case.steps, 1))
+    times = timed(lambda i: batches[i % len(batches)], count)
+    return case.batch_size * count / sum(times)
+
+
+def keras_case(case, images, labels, num_classes) -> dict:
+    import keras
+
+    from pipeline.backend import set_precision
+    from pipeline.data.loader import ArrayBatches
+    from pipeline.models.card import model_card
+    from pipeline.models.registry import build_model
+
+    set_precision(case.precision)
+    shape = tuple(images.shape[1:])
+    model = build_model(case.arch, shape, num_classes, small_input=case.small_input)
+    macs = model_card(model)["macs"]
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3),
+        loss=keras.losses.CategoricalCrossentropy(),
+        jit_compile=case.xla,
+        auto_scale_loss=case.precision == "mixed_float16",
+    )
+    batches = ArrayBatches(images, labels, case.batch_size, num_classes=num_classes)
+    feed = [batches[i] for i in range(min(len(batches), 4))]
+    feed = [(x, y) for x, y in feed if len(x) == case.batch_size] or feed
+
+    def train(i):
+        model.train_on_batch(*feed[i % len(feed)])
+
+    first = timed(train, 1)[0]
+    timed(train, case.warmup)
+    train_times = timed(train, case.steps)
+
+    def infer(i):
+        np.asarray(model.predict_on_batch(feed[i % len(feed)][0]))
+
+    timed(infer, max(case.warmup, 1))
+    infer_times = timed(infer, case.steps)
+    return figures(case, first, train_times, infer_times, macs, keras_device_peak_mb()) | {
+        "input_images_per_s": input_pipeline(case, images, labels, num_classes),
+        "policy": keras.mixed_precision.global_policy().name,
+    }
+
+
+def keras_device_peak_mb() -> float | None:
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            if tf.config.list_physical_devices("GPU"):
+                return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        elif backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            if device.platform != "cpu":
+                return device.memory_stats()["peak_bytes_in_use"] / 2**20
+    except (KeyError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def figures(case, first: float, train_times, infer_times, macs: int, device_mb) -> dict:
+    train = step_figures(train_times, case.batch_size)
+    infer = step_figures(infer_times, case.batch_size)
+    return {
+        "train_images_per_s": train["images_per_s"],
+        "step_ms_median": train["ms_median"],
+        "step_ms_p25": train["ms_p25"],
+        "step_ms_p75": train["ms_p75"],
+        "infer_images_per_s": infer["images_per_s"],
+        "infer_ms_median": infer["ms_median"],
+        "first_step_s": first,
+        "compile_s": max(first - train["ms_median"] / 1000, 0.0),
+        "mmacs_per_image": macs / 1e6,
+        "train_gflops_per_s": 6 * macs * train["images_per_s"] / 1e9,
+        "infer_gflops_per_s": 2 * macs * infer["images_per_s"] / 1e9,
+        "peak_device_mb": device_mb,
+    }
+
+
+def timm_case(case, images, labels, num_classes) -> dict:
+    """The same architecture from timm on PyTorch, with the same small-input stem, loss
+    and optimizer; bf16 through autocast, channels-last; `xla` means torch.compile."""
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.bench import TIMM_NAMES
+
+    torch.manual_seed(0)
+    model = timm_model(TIMM_NAMES[case.arch], num_classes, case.small_input, case.image_size)
+    model = model.to(memory_format=torch.channels_last).train()
+    x = torch.from_numpy(images[: case.batch_size]).permute(0, 3, 1, 2).float().div(255)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(np.asarray(labels[: case.batch_size])).long()
+    with FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    macs = counter.get_total_flops() // 2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    run = torch.compile(model) if case.xla else model
+    dtype = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(case.precision)
+
+    def autocast():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=dtype)
+
+    def train(i):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn(run(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    first = timed(train, 1)[0]
+    timed(train, case.warmup)
+    train_times = timed(train, case.steps)
+    run.eval()
+
+    def infer(i):
+        with torch.inference_mode(), autocast():
+            run(x).float().numpy()
+
+    timed(infer, max(case.warmup, 1))
+    infer_times = timed(infer, case.steps)
+    return figures(case, first, train_times, infer_times, macs, None) | {
+        "input_images_per_s": None,
+        "policy": case.precision,
+        "timm_model": TIMM_NAMES[case.arch],
+    }
+
+
+def timm_model(name: str, num_classes: int, small_input: bool, side: int):
+    """A timm model; `small_input` makes the stem stride 1 as this zoo's small_input does
+    (ResNet: a 3x3/1 conv, no max pool; MobileNet/EfficientNet: stem and first
+    downsampling block at stride 1)."""
+    import torch
+
+    _torchvision_stand_in()
+    import timm
+
+    kwargs = {"img_size": side} if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    if not small_input:
+        return model
+    if hasattr(model, "maxpool") and hasattr(model, "conv1"):  # ResNet family
+        out = model.conv1.out_channels
+        model.conv1 = torch.nn.Conv2d(3, out, 3, stride=1, padding=1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    elif hasattr(model, "conv_stem"):  # MobileNet / EfficientNet
+        model.conv_stem.stride = (1, 1)
+        for block in model.blocks:
+            first = block[0]
+            conv = getattr(first, "conv_dw", None) or getattr(first, "conv_pw", None)
+            if conv is not None and conv.stride == (2, 2):
+                conv.stride = (1, 1)
+                break
+    return model
+
+
+def _torchvision_stand_in() -> None:
+    """Let timm import where torchvision cannot be installed.
+
+    timm imports torchvision at import time for its data pipeline and a few
+    layers this benchmark never calls (it builds a model and feeds it tensors).
+    PyPI has no CPU build of torchvision and the CUDA build does not load beside
+    CPU torch, so without a working torchvision every `torchvision.*` import gets
+    a stand-in whose names are inert placeholder classes; any real use of one
+    fails loudly.
+    """
+    import importlib.abc
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    try:
+        import torchvision  # noqa: F401
+
+        return
+    except (ImportError, RuntimeError):
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+
+    class Placeholder(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Placeholder(name, (), {})
+
+        def __call__(cls, *args, **kwargs):
+            raise RuntimeError(f"torchvision stand-in: {cls.__name__} is not available")
+
+    class StandIn(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Placeholder(name, (), {})
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname.split(".")[0] != "torchvision":
+                return None
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+        def create_module(self, spec):
+            module = StandIn(spec.name)
+            module.__path__ = []
+            return module
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Finder())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

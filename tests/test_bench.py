@@ -1,0 +1,120 @@
+"""`python -m pipeline bench`: one tiny real sweep, its files' schema, failures recorded, the
+baseline ratios and the MLflow run. No timed assertions: figures only have to exist."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+FIGURES = {
+    "train_images_per_s",
+    "step_ms_median",
+    "step_ms_p25",
+    "step_ms_p75",
+    "infer_images_per_s",
+    "input_images_per_s",
+    "first_step_s",
+    "compile_s",
+    "peak_host_mb",
+    "peak_device_mb",
+    "mmacs_per_image",
+    "train_gflops_per_s",
+    "infer_gflops_per_s",
+}
+CONTEXT = {"machine", "versions", "date", "command"}
+TINY = ["--steps", "2", "--warmup", "1", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, list[dict], str]:
+    """lenet5 on TensorFlow, and vgg11 at 16x16, below what its five poolings allow."""
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "r.jsonl"
+    args = ["bench", "--arch", "lenet5,vgg11", "--image-size", "16", *TINY, "--out", str(out)]
+    done = run_cli(args, work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, [json.loads(line) for line in out.read_text().splitlines()], done.stdout
+
+
+def test_records_have_every_figure_and_the_context(sweep):
+    _, records, stdout = sweep
+    lenet = records[0]
+    assert lenet["arch"] == "lenet5" and lenet["status"] == "ok", lenet
+    assert set(lenet) >= FIGURES | CONTEXT
+    assert lenet["train_images_per_s"] > 0 and lenet["infer_images_per_s"] > 0
+    assert lenet["step_ms_p25"] <= lenet["step_ms_median"] <= lenet["step_ms_p75"]
+    assert lenet["peak_host_mb"] > 100  # TensorFlow alone takes that much
+    assert lenet["peak_device_mb"] is None  # no GPU here
+    assert lenet["mmacs_per_image"] > 0 and lenet["versions"]["keras"]
+    assert "[1/2] lenet5 keras/tensorflow float32 no-xla: train" in stdout
+
+
+def test_a_failing_case_is_recorded_and_the_sweep_goes_on(sweep):
+    _, records, _ = sweep
+    vgg = records[1]
+    assert vgg["arch"] == "vgg11" and vgg["status"] == "failed"
+    assert vgg["error"] and "Traceback" not in vgg["error"]
+    assert not FIGURES & set(vgg)
+
+
+def test_markdown_table_has_the_header_and_a_row_per_case(sweep):
+    work, _, _ = sweep
+    text = (work / "r.md").read_text()
+    assert text.startswith("Machine: ") and "Versions: keras" in text
+    assert "Command: `python -m pipeline bench --arch lenet5,vgg11" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| arch | framework | backend |") and len(rows) == 3
+    assert "| failed: " in rows[2]
+
+
+def test_baseline_prints_ratios_and_mlflow_logs_a_run(sweep, tmp_path):
+    from mlflow import MlflowClient
+
+    work, _, _ = sweep
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["bench", "--arch", "lenet5", "--image-size", "16", *TINY, "--out", "again.jsonl"]
+    args += ["--baseline", str(work / "r.jsonl"), "--mlflow"]
+    done = run_cli(args, tmp_path, MLFLOW_TRACKING_URI=store)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lenet5 keras/tensorflow float32 no-xla: train " in done.stdout
+    assert "× of r.jsonl" in done.stdout
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    assert run.data.metrics["lenet5.keras.tensorflow.float32.noxla.train_images_per_s"] > 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"again.jsonl", "again.md"}
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--arch", "resnet9000"], "--arch"),
+        (["--backend", "mxnet"], "--backend"),
+        (["--precision", "fp8"], "--precision"),
+        (["--arch", "lenet5", "--peer", "timm"], "--peer timm"),
+        (["--data", "imagenet"], "--data"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, key, tmp_path):
+    done = run_cli(["bench", *args, "--out", "r.jsonl"], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and key in done.stderr, done.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("torch") and importlib.util.find_spec("timm")),
+    reason="the timm peer needs torch and timm (optional: pip install torch==2.13.0 timm)",
+)
+def test_timm_peer_builds_the_same_network(tmp_path):
+    """Same MACs per image as the Keras model: the same stem, widths and strides."""
+    args = ["bench", "--arch", "resnet18", "--peer", "timm", "--image-size", "16", *TINY]
+    done = run_cli([*args, "--out", "r.jsonl"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keras_row, timm_row = (json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert timm_row["framework"] == "timm" and timm_row["status"] == "ok", timm_row
+    assert timm_row["mmacs_per_image"] == pytest.approx(keras_row["mmacs_per_image"], rel=0.01)
+    assert "×" in (tmp_path / "r.md").read_text().splitlines()[-2]  # the keras row's ratio
