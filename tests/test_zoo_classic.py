@@ -246,3 +246,19 @@ def test_width_multiplier_scales_hidden_widths() -> None:
         build_model("vgg16", (32, 32, 3), 10, width_multiplier=0.5).get_layer("head_fc2").units
         == 2048
     )
+
+
+@pytest.mark.parametrize("name", ["lenet5", "alexnet", "vgg11"])
+def test_trains_compiled_at_the_smallest_size(name: str) -> None:
+    """At the registry's min_size the last map is 1x1: the head must train compiled (a
+    graph, as `fit` runs it), not only eagerly, and replicate the cell as adaptive pooling
+    does."""
+    side = get_spec(name).min_size
+    model = build_model(name, (side, side, 3), 3, small_input=True)
+    assert tuple(model.get_layer("head_pool").input.shape[1:3]) == (1, 1)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=False)
+    x = np.random.default_rng(0).uniform(0, 255, (2, side, side, 3)).astype(np.float32)
+    assert np.isfinite(model.train_on_batch(x, np.array([0, 1])))
+    cell = np.random.default_rng(1).normal(size=(1, 1, 1, 4)).astype(np.float32)
+    pooled = keras.ops.convert_to_numpy(model.get_layer("head_pool")(cell))
+    np.testing.assert_allclose(pooled, np.broadcast_to(cell, pooled.shape))

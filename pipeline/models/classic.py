@@ -181,7 +181,12 @@ def classic_head(
 
     if choices.head != "default":
         return classifier_head(x, num_classes, dropout=dropout, head=choices.head)
-    x = layers.AdaptiveAveragePooling2D(pool_size, name="head_pool")(x)
+    if tuple(x.shape[1:3]) == (1, 1):
+        # Adaptive average pooling of one cell replicates it; Keras 3.15's TensorFlow
+        # graph of AdaptiveAveragePooling2D fails on a 1x1 input (eager works).
+        x = layers.UpSampling2D(pool_size, name="head_pool")(x)
+    else:
+        x = layers.AdaptiveAveragePooling2D(pool_size, name="head_pool")(x)
     x = layers.Flatten(name="head_flatten")(x)
     for index, units in enumerate(hidden, start=1):
         if dropout > 0 and dropout_before:
