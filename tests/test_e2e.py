@@ -569,9 +569,13 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    import pandas as pd
+
     model = mlflow.pyfunc.load_model("models:/scenes-segmenter@challenger")
-    pixels = np.zeros((2, 32, 48, 1), dtype=np.float32)
-    assert np.asarray(model.predict(pixels)).shape == (2, 32, 48, 11)
+    pixels = np.zeros((2, 64, 96), dtype=np.uint8).tolist()  # twice the trained size
+    answer = model.predict(pd.DataFrame({"array": pixels}))
+    masks = np.asarray(answer["mask"].tolist())
+    assert masks.shape == (2, 64, 96) and masks.max() < 11
 
     # Colour-coded masks for a folder, back at the images' own 64x64.
     done = run_cli(["predict", "data/raw/test/images", "--out", "scene-masks"], project)
