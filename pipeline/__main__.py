@@ -155,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         steps=args.steps,
         warmup=args.warmup,
         data=args.data,
+        prepared_dir=str(args.prepared_dir),
         small_input=not args.imagenet_stem,
     )
     command = bench.command_line(sys.argv[1:])
@@ -285,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     bench.add_argument("--data", default="synthetic", help="synthetic, or prepared (data/prepared)")
+    bench.add_argument(
+        "--prepared-dir",
+        type=Path,
+        default=Path("data/prepared"),
+        help="with --data prepared (default: data/prepared)",
+    )
     bench.add_argument(
         "--imagenet-stem", action="store_true", help="ImageNet stems instead of small-input ones"
     )

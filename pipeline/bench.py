@@ -257,11 +257,11 @@ COLUMNS = [
 
 def table(records: list[dict], info: dict) -> str:
     """A markdown table in the style of timm's benchmark CSVs, headed by the context."""
-    peers = {
-        (r["arch"], r["precision"], r["xla"]): r
-        for r in records
-        if r["framework"] == "timm" and r["status"] == "ok"
-    }
+    peers = {}  # (arch, precision, xla) -> timm record; (arch, precision, None): any
+    for r in records:
+        if r["framework"] == "timm" and r["status"] == "ok":
+            peers[(r["arch"], r["precision"], r["xla"])] = r
+            peers.setdefault((r["arch"], r["precision"], None), r)
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     lines = [
         f"Machine: {info['machine']}  ",
@@ -292,9 +292,13 @@ def _cell(r: dict, key: str, peers: dict) -> str:
     if key == "step":
         return f"{r['step_ms_median']:.1f} ({r['step_ms_p25']:.1f}–{r['step_ms_p75']:.1f})"
     if key == "vs_timm":
-        peer = peers.get((r["arch"], r["precision"], r["xla"]))
+        peer = peers.get((r["arch"], r["precision"], r["xla"])) or peers.get(
+            (r["arch"], r["precision"], None)
+        )
         if r["framework"] == "timm" or not peer:
             return ""
+        if abs(peer["mmacs_per_image"] / r["mmacs_per_image"] - 1) > 0.05:
+            return "other network (MACs differ)"
         return f"{r['train_images_per_s'] / peer['train_images_per_s']:.2f}×"
     value = r.get(key)
     if value is None:

@@ -223,7 +223,8 @@ def timm_model(name: str, num_classes: int, small_input: bool, side: int):
     _torchvision_stand_in()
     import timm
 
-    kwargs = {"img_size": side} if name.startswith("vit") else {}
+    # this zoo's ViT cuts 4x4 patches for small inputs, 16x16 otherwise
+    kwargs = {"img_size": side, "patch_size": 4 if small_input else 16} if "vit" in name else {}
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if not small_input:
         return model
