@@ -19,3 +19,9 @@ class PromotionRefused(PipelineError):
     """A model is worse than the current champion. Exit code 1: a verdict, not a usage error."""
 
     exit_code = 1
+
+
+class TrainingDiverged(PipelineError):
+    """The training loss became NaN or infinite. Exit code 1: the settings ran, and failed."""
+
+    exit_code = 1

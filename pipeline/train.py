@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import AugmentConfig, MlflowConfig, ModelConfig, TrainConfig, flatten
 from pipeline.data.layout import CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TrainingDiverged
 
 NO_AUGMENT = AugmentConfig()
 MODEL_FILE = "model.keras"
@@ -82,6 +82,29 @@ def standard_logs_callback():
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
 
     return StandardLogs()
+
+
+def divergence_guard():
+    """Stops `fit` at the first batch whose loss is NaN or infinite and remembers where."""
+    import math
+
+    import keras
+
+    class DivergenceGuard(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch, self.found = 0, None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = float((logs or {}).get("loss", 0.0))
+            if not math.isfinite(loss) and self.found is None:
+                self.found = f"loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}"
+                self.model.stop_training = True
+
+    return DivergenceGuard()
 
 
 def fit_model(
@@ -156,7 +179,9 @@ def fit_model(
         train_batches.set_epoch(max(phase.start, backed_up_epoch(backup_dir)))
         transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
         compile_for_phase(model, cfg, steps, card, phase.start, train_y if segmentation else None)
+        guard = divergence_guard()
         callbacks = [
+            guard,
             EpochOrder(train_batches),
             epoch_seeds_callback(cfg.seed),
             standard_logs_callback(),
@@ -181,6 +206,11 @@ def fit_model(
             verbose=1 if sys.stdout.isatty() else 2,
         )
         epochs_run += len(fitted.epoch)
+        if guard.found:
+            raise TrainingDiverged(
+                f"train: {guard.found}; lower train.learning_rate or raise train.warmup_epochs "
+                "(the run is marked FAILED, nothing is saved or registered)"
+            )
         model.save_weights(done)
         if model.stop_training:
             stopped_early = True
@@ -441,15 +471,22 @@ def run(
         tags=tags,
         resume_file=checkpoint_dir / RUN_ID_FILE,
     ) as run_id:
-        result = fit_model(
-            model_cfg,
-            cfg,
-            prepared_dir,
-            card,
-            augment_cfg=augment_cfg,
-            checkpoint_dir=checkpoint_dir,
-            loggers=[tracking.epoch_logger()],
-        )
+        try:
+            result = fit_model(
+                model_cfg,
+                cfg,
+                prepared_dir,
+                card,
+                augment_cfg=augment_cfg,
+                checkpoint_dir=checkpoint_dir,
+                loggers=[tracking.epoch_logger()],
+            )
+        except TrainingDiverged as exc:
+            # The run (its NaN epoch logged) ends FAILED with the reason; the checkpoint
+            # goes, so the next run starts afresh instead of resuming diverged weights.
+            tracking.set_tags({"failure_reason": str(exc)})
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise
         model = inference_copy(result.model)
         summary = model_summary(model)
         tracking.log_text(summary, "model_summary.txt")

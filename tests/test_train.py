@@ -195,3 +195,36 @@ def test_train_and_evaluate_stages_on_jax_backend(digits_prepared, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("digits-cnn").experiment_id])
     assert run.data.params["keras.backend"] == "jax"
     assert run.data.metrics["test_top1"] == pytest.approx(report["test_top1"])
+
+
+def test_nan_loss_stops_training_marks_the_run_failed_and_registers_nothing(
+    digits_prepared, tmp_path
+):
+    """A learning rate that blows up: exit 1 with the reason in one line, the MLflow run
+    FAILED with that reason, no model written, no checkpoint left to resume, nothing
+    registered by the next stage."""
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(width_multiplier=0.25, norm="none")
+    params["train"].update(
+        epochs=3, warmup_epochs=0, batch_size=128, optimizer="sgd", learning_rate=10.0
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    done = run_cli(["train"], tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()[-1]  # TensorFlow's own log lines come first
+    assert "Traceback" not in done.stderr and error.startswith("error: train: loss became ")
+    assert "train.learning_rate" in error
+    assert not (tmp_path / "data" / "model").exists()
+    assert not (tmp_path / "data" / "checkpoints").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("digits-cnn").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] in error
+    register = run_cli(["register"], tmp_path)
+    assert register.returncode == 2 and "run `python -m pipeline train` first" in register.stderr
+    assert not client.search_registered_models()
