@@ -114,6 +114,8 @@ def _decode(encoded, row: int):
             image = Image.open(io.BytesIO(candidate))
             image.load()
             return image
+        except Image.DecompressionBombError as exc:
+            raise MlflowException.invalid_parameter_value(f"row {row}: {exc}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             reason = exc.__class__.__name__
     raise MlflowException.invalid_parameter_value(

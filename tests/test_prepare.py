@@ -263,6 +263,19 @@ def test_corrupt_image_keeps_previous_output(tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["prepared"]  # no temp dirs left
 
 
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """PIL refuses images over twice MAX_IMAGE_PIXELS; prepare says so in one line (a
+    small limit here stands in for a real 200-megapixel bomb)."""
+    raw = tmp_path / "raw"
+    make_folder(raw, {"a": 10, "b": 10})
+    write_source(raw, ["a", "b"], 20, [])
+    Image.new("L", (200, 200)).save(raw / "b" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(DataError, match=r"refusing image .*bomb.png: .*decompression bomb"):
+        prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_missing_source_json_says_run_fetch(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     make_folder(raw, {"a": 5, "b": 5})

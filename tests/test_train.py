@@ -228,3 +228,15 @@ def test_nan_loss_stops_training_marks_the_run_failed_and_registers_nothing(
     register = run_cli(["register"], tmp_path)
     assert register.returncode == 2 and "run `python -m pipeline train` first" in register.stderr
     assert not client.search_registered_models()
+
+
+def test_batch_size_larger_than_the_training_split_names_the_key(digits_prepared) -> None:
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"train.batch_size \(5000\) is larger than"):
+        fit_model(
+            ModelConfig(arch="simple_cnn"),
+            TrainConfig(batch_size=5000),
+            digits_prepared,
+            read_card(digits_prepared),
+        )

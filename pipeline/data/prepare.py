@@ -75,6 +75,8 @@ def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             return to_model_input(img, size, channels)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"prepare: refusing image {path}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"prepare: cannot decode image {path} ({exc.__class__.__name__})") from None
 
