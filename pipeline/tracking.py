@@ -146,6 +146,17 @@ def _unfinished_run(resume_file: Path, experiment_id: str) -> str | None:
     return run_id
 
 
+def fail_abandoned_run(run_id: str, reason: str) -> None:
+    """Mark an interrupted run that will never be resumed FAILED, with the reason."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    with contextlib.suppress(MlflowException):  # not in this store: nothing to close
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", reason)
+            client.set_terminated(run_id, "FAILED")
+
+
 def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:
     from pipeline.data.atomic import write_json
 

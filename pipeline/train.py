@@ -350,11 +350,12 @@ def reset_stale_checkpoint(
     cfg: TrainConfig,
     card: dict,
     augment_cfg: AugmentConfig,
-) -> None:
+) -> str | None:
     """Keep `checkpoint_dir` only if it was made by this exact config and data.
 
     Resuming is for a run that was interrupted, not for one whose params or data
-    changed since: that one starts over.
+    changed since: that one starts over. Returns the MLflow run id of the
+    interrupted training whose checkpoint was dropped, if any (it will never resume).
     """
     import json
 
@@ -368,13 +369,17 @@ def reset_stale_checkpoint(
         sort_keys=True,
     )
     stamp = checkpoint_dir / "fingerprint.json"
+    abandoned = None
     if stamp.exists() and stamp.read_text() != fingerprint:
+        run_file = checkpoint_dir / RUN_ID_FILE
+        abandoned = run_file.read_text().strip() if run_file.exists() else None
         print(
             f"train: {checkpoint_dir} is from other params or data; starting over", file=sys.stderr
         )
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
+    return abandoned
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -462,8 +467,13 @@ def run(
         "data_source_sha256": card["source"].get("sha256", ""),
         **({"grid": mlflow_cfg.grid} if mlflow_cfg.grid else {}),
     }
-    # Before the run starts: a checkpoint of other params must not continue its run.
-    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
+    # Before the run starts: a checkpoint of other params must not continue its run,
+    # and the interrupted run it belonged to is closed as FAILED rather than left RUNNING.
+    abandoned = reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
+    if abandoned:
+        tracking.fail_abandoned_run(
+            abandoned, "interrupted; not resumed because params or data changed since"
+        )
     with tracking.training_run(
         mlflow_cfg.experiment,
         run_name=model_cfg.arch,

@@ -240,3 +240,36 @@ def test_batch_size_larger_than_the_training_split_names_the_key(digits_prepared
             digits_prepared,
             read_card(digits_prepared),
         )
+
+
+def test_interrupted_run_that_cannot_resume_is_closed_as_failed(digits_prepared, tmp_path):
+    """A training killed mid-run leaves its run RUNNING and a checkpoint; if params change
+    before the rerun, the checkpoint is dropped and that run is marked FAILED with the
+    reason, not left RUNNING forever."""
+    from mlflow import MlflowClient
+
+    from pipeline.train import RUN_ID_FILE
+
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(width_multiplier=0.25)
+    params["train"].update(epochs=1, warmup_epochs=0, batch_size=128)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    artifacts = (tmp_path / "mlartifacts").as_uri()
+    experiment = client.create_experiment("digits-cnn", artifact_location=artifacts)
+    killed = client.create_run(experiment, run_name="killed").info.run_id  # left RUNNING
+    checkpoint = tmp_path / "data" / "checkpoints"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / RUN_ID_FILE).write_text(killed)
+    (checkpoint / "fingerprint.json").write_text('{"params": "of another config"}')
+
+    done = run_cli(["train"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "is from other params or data; starting over" in done.stderr
+    old = client.get_run(killed)
+    assert old.info.status == "FAILED"
+    assert "not resumed because params or data changed" in old.data.tags["failure_reason"]
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
+    assert len(statuses) == 2 and list(statuses.values()).count("FINISHED") == 1
+    assert not (ROOT / "mlruns").exists()
