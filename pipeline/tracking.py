@@ -120,7 +120,8 @@ def training_run(
     marks the run FAILED (mlflow's context manager does that).
     """
     mlflow = _mlflow()
-    experiment_id = ensure_experiment(experiment)
+    with reaching_the_store():
+        experiment_id = ensure_experiment(experiment)
     previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
     start = {"run_id": previous} if previous else {"run_name": run_name}
     with mlflow.start_run(experiment_id=experiment_id, **start) as run:
@@ -130,6 +131,30 @@ def training_run(
         mlflow.set_tags({**source_tags(), **tags, **({"resumed": "true"} if previous else {})})
         mlflow.log_params(params)  # identical values may be logged again
         yield run.info.run_id
+
+
+@contextlib.contextmanager
+def reaching_the_store() -> Iterator[None]:
+    """A tracking store that cannot be reached or written as one line naming it (password
+    masked), before any training starts. MLflow's own bounded HTTP retries come first
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import ConfigError
+    from pipeline.server import mask_uri
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = re.sub(r"(//[^/:@\s]+:)[^@/\s]+@", r"\1***@", reason)  # MLflow repeats the URI
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI {mask_uri(tracking_uri())}: cannot use the tracking store "
+            f"({reason[:300]})"
+        ) from None
 
 
 def _unfinished_run(resume_file: Path, experiment_id: str) -> str | None:

@@ -273,3 +273,27 @@ def test_interrupted_run_that_cannot_resume_is_closed_as_failed(digits_prepared,
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
     assert len(statuses) == 2 and list(statuses.values()).count("FINISHED") == 1
     assert not (ROOT / "mlruns").exists()
+
+
+@pytest.mark.parametrize("store", ["http://mlflow:s3cret@127.0.0.1:{port}", "sqlite:///{file}/db"])
+def test_unreachable_tracking_store_is_one_line_before_training(store, digits_prepared, tmp_path):
+    """A server that does not answer, or a SQLite file that cannot be created: exit 2 with
+    one line naming the store (password masked), no training, no model written."""
+    from conftest import free_port
+
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(epochs=1, warmup_epochs=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "not-a-folder").write_text("")
+    uri = store.format(port=free_port(), file=tmp_path / "not-a-folder")
+    done = run_cli(
+        ["train"], tmp_path, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()[-1]
+    assert (
+        error.startswith("error: MLFLOW_TRACKING_URI ") and "cannot use the tracking store" in error
+    )
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
+    assert "Epoch 1" not in done.stdout and not (tmp_path / "data" / "model").exists()
