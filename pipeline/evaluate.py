@@ -27,12 +27,24 @@ def load_trained_model(model_dir: Path = MODEL_DIR):
 
 
 def load_keras_file(path: Path):
-    """A `.keras` file of this project, in safe mode, with the zoo's custom layers known."""
+    """A `.keras` file of this project, in safe mode, with the zoo's custom layers known.
+
+    Safe mode refuses a file that carries Python code (a Lambda layer's bytecode) before
+    any of it runs; that is a one-line DataError naming the file.
+    """
     import keras
 
     import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
 
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise DataError(
+            f"{path}: refused: it holds Python code (a Lambda layer), which Keras safe mode "
+            "does not load; use a model this project built"
+        ) from None
 
 
 def predict_split(model, prepared_dir: Path, split: str, batch_size: int):

@@ -41,18 +41,19 @@ def check_init_from(init_from: str) -> None:
 
 def load_source(init_from: str):
     """The Keras model `train.init_from` names: an MLflow model URI or a .keras file."""
-    import keras
-
-    import pipeline.models.layers  # noqa: F401  (registers the zoo's custom layers)
-
     if is_mlflow_uri(init_from):
         from pipeline import tracking
 
         return tracking.load_keras_model(init_from)
+    from pipeline.errors import DataError
+    from pipeline.evaluate import load_keras_file
+
     check_init_from(init_from)
     path = Path(init_from)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        return load_keras_file(path)
+    except DataError as exc:
+        raise ConfigError(f"train.init_from: {exc}") from None
     except Exception as exc:  # Keras raises many types for a bad file
         raise ConfigError(f"train.init_from: {path} is not a Keras model ({exc})") from None
 
