@@ -35,7 +35,12 @@ DEFAULT_PORT = 5000
 BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"
 CONNECT_TIMEOUT_S = 5
 JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
-_PASSWORD_IN_QUERY = re.compile(r"(?i)\b(password=)[^&]*")
+# Query parameters that carry secrets: passwords, tokens, presigned-URL signatures and keys.
+_PASSWORD_IN_QUERY = re.compile(
+    r"(?i)(?<=[?&;])((?:password|passwd|pwd|token|access_token|secret|signature|sig|"
+    r"credential|key|api_key|apikey|x-amz-signature|x-amz-credential|x-amz-security-token)=)"
+    r"[^&;#]*"
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class ServerConfig:
 
 
 def mask_uri(uri: str) -> str:
-    """`uri` with the password of its user part, and any `password=` query value, as `***`."""
+    """`uri` with the password of its user part, and secret query values (`password=`,
+    `token=`, presigned-URL signatures and credentials), as `***`."""
     masked = _PASSWORD_IN_QUERY.sub(r"\1***", uri)
     try:
         parts = urlsplit(masked)

@@ -128,8 +128,9 @@ def training_run(
         if resume_file:
             resume_file.parent.mkdir(parents=True, exist_ok=True)
             resume_file.write_text(run.info.run_id)
-        mlflow.set_tags({**source_tags(), **tags, **({"resumed": "true"} if previous else {})})
-        mlflow.log_params(params)  # identical values may be logged again
+        resumed = {"resumed": "true"} if previous else {}
+        mlflow.set_tags(without_secrets({**source_tags(), **tags, **resumed}))
+        mlflow.log_params(without_secrets(params))  # identical values may be logged again
         yield run.info.run_id
 
 
@@ -286,11 +287,19 @@ def log_metrics(metrics: dict[str, float]) -> None:
 
 
 def log_params(params: dict[str, Any]) -> None:
-    _mlflow().log_params(params)
+    _mlflow().log_params(without_secrets(params))
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    _mlflow().set_tags(tags)
+    _mlflow().set_tags(without_secrets(tags))
+
+
+def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """URL values with passwords, tokens and signatures masked: params and tags are
+    visible to everyone who can open the MLflow UI."""
+    from pipeline.server import mask_uri
+
+    return {k: mask_uri(v) if isinstance(v, str) and "://" in v else v for k, v in values.items()}
 
 
 VERSION_TAGS = ("architecture", "data_hash", "git_commit", "git_dirty", "dvc_experiment")

@@ -190,3 +190,24 @@ def test_logged_model_takes_encoded_images_and_arrays_at_any_size(store, tmp_pat
         loaded.predict(pd.DataFrame({"image": [b"not an image"]}))
     with pytest.raises(Exception, match=r"row 0: 'array' must be \(H, W\)"):
         loaded.predict(pd.DataFrame({"array": [[[1, 2], [3]]]}))
+
+
+def test_credentials_in_urls_are_never_logged(store):
+    """A fetch URL with a password or a presigned S3 query, as a param or tag, is masked."""
+    from mlflow import MlflowClient
+
+    url = (
+        "https://bob:hunter2@data.example/cifar.tar.gz"
+        "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef&X-Amz-Security-Token=tok"
+    )
+    with tracking.training_run(
+        "exp", run_name="t", params={"data.url": url}, tags={"source_url": url}
+    ) as run_id:
+        tracking.log_params({"fetch.url": url})
+        tracking.set_tags({"later_url": url})
+    run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    logged = {**run.data.params, **run.data.tags}
+    for secret in ("hunter2", "AKIAEXAMPLE", "deadbeef", "=tok"):
+        assert not any(secret in value for value in logged.values()), secret
+    assert run.data.params["data.url"].startswith("https://bob:***@data.example/cifar.tar.gz?")
+    assert "X-Amz-Signature=***" in run.data.tags["later_url"]
