@@ -233,7 +233,7 @@ def log_model(model, *, card: dict) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         keras_file, card_file = Path(tmp, "model.keras"), Path(tmp, "data_card.json")
         model.save(keras_file)
-        write_json(card_file, card)
+        write_json(card_file, _masked(card))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(serving.__file__).with_name("served_model.py")),
@@ -271,7 +271,7 @@ def log_text(text: str, name: str) -> None:
 
 
 def log_dict(data: dict, name: str) -> None:
-    _mlflow().log_dict(data, name)
+    _mlflow().log_dict(_masked(data), name)
 
 
 @contextlib.contextmanager
@@ -295,11 +295,22 @@ def set_tags(tags: dict[str, str]) -> None:
 
 
 def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
-    """URL values with passwords, tokens and signatures masked: params and tags are
-    visible to everyone who can open the MLflow UI."""
+    """URL values with passwords, tokens and signatures masked: params, tags and logged
+    files are visible to everyone who can open the MLflow UI."""
+    return {k: _masked(v) for k, v in values.items()}
+
+
+def _masked(value: Any) -> Any:
+    """`value` with every URL string in it (nested dicts and lists too) masked."""
     from pipeline.server import mask_uri
 
-    return {k: mask_uri(v) if isinstance(v, str) and "://" in v else v for k, v in values.items()}
+    if isinstance(value, str):
+        return mask_uri(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(v) for v in value)
+    return value
 
 
 VERSION_TAGS = ("architecture", "data_hash", "git_commit", "git_dirty", "dvc_experiment")

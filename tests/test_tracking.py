@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -205,9 +206,16 @@ def test_credentials_in_urls_are_never_logged(store):
     ) as run_id:
         tracking.log_params({"fetch.url": url})
         tracking.set_tags({"later_url": url})
+        tracking.log_dict({"source": {"url": url, "mirrors": [url]}}, "data_card.json")
     run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
     logged = {**run.data.params, **run.data.tags}
     for secret in ("hunter2", "AKIAEXAMPLE", "deadbeef", "=tok"):
         assert not any(secret in value for value in logged.values()), secret
     assert run.data.params["data.url"].startswith("https://bob:***@data.example/cifar.tar.gz?")
     assert "X-Amz-Signature=***" in run.data.tags["later_url"]
+    import mlflow
+
+    card = mlflow.artifacts.load_dict(f"runs:/{run_id}/data_card.json")
+    assert "hunter2" not in json.dumps(card) and card["source"]["url"].startswith(
+        "https://bob:***@"
+    )
