@@ -353,6 +353,19 @@ def test_tar_with_symlink_outside_is_refused(tmp_path, link):
     assert list((tmp_path / "dest").rglob("*")) == []
 
 
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../x"])
+def test_tar_with_hard_link_outside_is_refused(tmp_path, target):
+    """A hard link to a file outside the destination would let a later member (or the user)
+    overwrite that file through it."""
+    link = tarfile.TarInfo("a/link")
+    link.type = tarfile.LNKTYPE
+    link.linkname = target
+    archive = make_tar(tmp_path / "bad.tar", {"a/1.png": png_bytes()}, extra=[link])
+    with pytest.raises(DataError, match=r"refusing archive member 'a/link'"):
+        safe_extract(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").rglob("*")) == []
+
+
 def test_tar_with_device_file_is_refused(tmp_path):
     dev = tarfile.TarInfo("null")
     dev.type = tarfile.CHRTYPE
