@@ -297,3 +297,22 @@ def test_unreachable_tracking_store_is_one_line_before_training(store, digits_pr
     )
     assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
     assert "Epoch 1" not in done.stdout and not (tmp_path / "data" / "model").exists()
+
+
+def test_image_size_below_the_architecture_minimum_is_one_line_before_any_run(
+    digits_prepared, tmp_path
+):
+    """Digits prepared at 16x16 and model.arch vgg16 (needs 32): exit 2 naming both keys,
+    before an MLflow run or a checkpoint exists."""
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(arch="vgg16")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run_cli(["train"], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error == (
+        "error: model.arch vgg16 needs images of at least 32x32, got 16x16 "
+        "(raise prepare.image_size)"
+    )
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data" / "model").exists()
