@@ -120,6 +120,18 @@ def test_mask_value_beyond_the_classes_is_refused_by_file(tmp_path):
     assert not (tmp_path / "prepared").exists()
 
 
+def test_mask_of_another_size_than_its_image_is_refused_by_file(tmp_path):
+    raw = tmp_path / "raw"
+    write_pairs(raw, stripes(4, void=255))
+    Image.fromarray(stripes(1, size=10, void=255)[0].astype(np.uint8)).save(
+        raw / "masks" / "001.png"
+    )
+    write_source(raw, ["a", "b", "c"], [], ignore_index=255)
+    with pytest.raises(DataError, match=r"mask .*001.png is 10x10 but its image 001.jpg is 12x12"):
+        prepare.run(PrepareConfig(image_size=12, test_fraction=0.25), raw, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_rgb_masks_are_refused(tmp_path):
     raw = tmp_path / "raw"
     write_pairs(raw, stripes(4, void=255))

@@ -259,6 +259,20 @@ def load_mask(path: Path, size: tuple[int, int], num_classes: int, ignore_index:
     return np.where(void, VOID, values).astype(np.uint8)
 
 
+def check_same_size(image: Path, mask: Path) -> None:
+    """A mask labels its image pixel for pixel: a different size means a mismatched pair."""
+    try:
+        with Image.open(image) as img, Image.open(mask) as lab:  # headers only
+            image_size, mask_size = img.size, lab.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return  # the decoders below name the unreadable file
+    if image_size != mask_size:
+        raise DataError(
+            f"prepare: mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image.name} "
+            f"is {image_size[0]}x{image_size[1]}; a mask must match its image pixel for pixel"
+        )
+
+
 def run_segmentation(cfg: PrepareConfig, source: dict, raw_dir: Path, out_dir: Path) -> dict:
     """Images as for classification, masks as uint8 (N, H, W) class maps in the labels file."""
     classes = list(source["classes"])
@@ -287,9 +301,10 @@ def run_segmentation(cfg: PrepareConfig, source: dict, raw_dir: Path, out_dir: P
             with ThreadPoolExecutor() as pool:
                 decode = pool.map(
                     lambda pair: (
+                        check_same_size(*pair),
                         load_image(pair[0], size, cfg.channels),
                         load_mask(pair[1], size, len(classes), ignore_index),
-                    ),
+                    )[1:],
                     pairs,
                 )
                 for i, (image, mask) in enumerate(decode):
