@@ -132,6 +132,16 @@ def test_mask_of_another_size_than_its_image_is_refused_by_file(tmp_path):
     assert not (tmp_path / "prepared").exists()
 
 
+def test_image_without_a_mask_is_refused_naming_it(tmp_path):
+    raw = tmp_path / "raw"
+    write_pairs(raw, stripes(4, void=255))
+    (raw / "masks" / "002.png").unlink()
+    write_source(raw, ["a", "b", "c"], [], ignore_index=255)
+    with pytest.raises(DataError, match=r"has images without masks: .*002"):
+        prepare.run(PrepareConfig(image_size=12, test_fraction=0.25), raw, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_rgb_masks_are_refused(tmp_path):
     raw = tmp_path / "raw"
     write_pairs(raw, stripes(4, void=255))
