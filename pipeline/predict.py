@@ -70,13 +70,12 @@ def run(
             name = path.relative_to(images_dir)
             if segmentation:
                 with Image.open(path) as original:
-                    shape = original.size
-                _write_masks(prob.argmax(axis=-1), classes, shape, out_dir / name.with_suffix(""))
+                    mask = mask_at_size(prob, original.size)
+                _write_masks(mask, classes, out_dir / name.with_suffix(""))
             else:
-                top = np.argsort(-prob, kind="stable")[:TOP]
-                best = int(top[0])
-                top5 = "|".join(classes[i] for i in top)
-                rows.append([name.as_posix(), classes[best], f"{prob[best]:.6f}", top5])
+                top = ranked(prob, classes)
+                top5 = "|".join(top["top5"])
+                rows.append([name.as_posix(), top["class"], f"{top['probability']:.6f}", top5])
         bar.update(len(chunk))
     bar.close()
     if segmentation:
@@ -100,16 +99,36 @@ def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):
     return load_trained_model(model_dir), read_card(prepared_dir)
 
 
-def _write_masks(mask: np.ndarray, classes: list[str], size: tuple[int, int], stem: Path) -> None:
+def ranked(prob: np.ndarray, classes: list[str]) -> dict:
+    """A classifier's answer for one image: best class, top-5 and every class's probability
+    (also what the served model returns)."""
+    top = np.argsort(-prob, kind="stable")[:TOP]
+    return {
+        "class": classes[int(top[0])],
+        "probability": float(prob[top[0]]),
+        "top5": [classes[int(i)] for i in top],
+        "top5_probabilities": [float(prob[i]) for i in top],
+        "probabilities": {name: float(p) for name, p in zip(classes, prob, strict=True)},
+    }
+
+
+def mask_at_size(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Per-pixel classes (uint8) of a segmentation output, nearest-neighbour resized to
+    `size` = (width, height), the image's own."""
+    from PIL import Image
+
+    small = Image.fromarray(prob.argmax(axis=-1).astype(np.uint8))
+    return np.asarray(small.resize(size, Image.Resampling.NEAREST))
+
+
+def _write_masks(mask: np.ndarray, classes: list[str], stem: Path) -> None:
     from PIL import Image
 
     from pipeline.plots import colour_mask
 
     stem.parent.mkdir(parents=True, exist_ok=True)
-    indices = Image.fromarray(mask.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
-    indices.save(stem.parent / f"{stem.name}_classes.png")
-    colours = colour_mask(np.asarray(indices), len(classes))
-    Image.fromarray(colours).save(stem.parent / f"{stem.name}.png")
+    Image.fromarray(mask).save(stem.parent / f"{stem.name}_classes.png")
+    Image.fromarray(colour_mask(mask, len(classes))).save(stem.parent / f"{stem.name}.png")
 
 
 def _write_legend(classes: list[str], path: Path) -> None:

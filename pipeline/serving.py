@@ -31,7 +31,6 @@ import pandas as pd
 KERAS_ARTIFACT = "keras_model"
 CARD_ARTIFACT = "data_card"
 IMAGE_COLUMN, ARRAY_COLUMN = "image", "array"
-TOP = 5
 
 
 class ImageModel(mlflow.pyfunc.PythonModel):
@@ -46,9 +45,12 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         self.card = json.loads(Path(context.artifacts[CARD_ARTIFACT]).read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        from pipeline.data.prepare import to_model_input
+        from pipeline.predict import ranked
+
         images = input_images(model_input)
         height, width, channels = self.card["image_shape"]
-        batch = np.stack([to_input(image, (height, width), channels) for image in images])
+        batch = np.stack([to_model_input(image, (height, width), channels) for image in images])
         probs = np.asarray(self.keras_model.predict_on_batch(batch.astype(np.float32)))
         classes = self.card["classes"]
         if self.card.get("task") == "segmentation":
@@ -56,17 +58,15 @@ class ImageModel(mlflow.pyfunc.PythonModel):
                 segmentation_row(p, image, classes) for p, image in zip(probs, images, strict=True)
             ]
         else:
-            rows = [classification_row(p, classes) for p in probs]
+            rows = [ranked(p, classes) for p in probs]
         return pd.DataFrame(rows)
 
 
 def input_images(model_input) -> list:
     """The request's images, each a PIL image: from a DataFrame with an `image`
-    (bytes) or `array` (pixels) column, a dict of such lists, or a batch array."""
+    (bytes) or `array` (pixels) column, or a dict of such lists (the `inputs` JSON form)."""
     from mlflow.exceptions import MlflowException
 
-    if isinstance(model_input, np.ndarray):
-        return [_from_array(a, i) for i, a in enumerate(model_input)]
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     if not isinstance(model_input, pd.DataFrame) or not len(model_input):
@@ -142,28 +142,10 @@ def _from_array(pixels, row: int):
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
 
 
-def to_input(image, size: tuple[int, int], channels: int) -> np.ndarray:
-    from pipeline.data.prepare import to_model_input
-
-    return to_model_input(image, size, channels)
-
-
-def classification_row(prob: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    top = np.argsort(-prob, kind="stable")[:TOP]
-    return {
-        "class": classes[int(top[0])],
-        "probability": float(prob[top[0]]),
-        "top5": [classes[int(i)] for i in top],
-        "top5_probabilities": [float(prob[i]) for i in top],
-        "probabilities": {name: float(p) for name, p in zip(classes, prob, strict=True)},
-    }
-
-
 def segmentation_row(prob: np.ndarray, image, classes: list[str]) -> dict[str, Any]:
-    from PIL import Image
+    from pipeline.predict import mask_at_size
 
-    small = Image.fromarray(prob.argmax(axis=-1).astype(np.uint8))
-    mask = np.asarray(small.resize(image.size, Image.Resampling.NEAREST))
+    mask = mask_at_size(prob, image.size)
     return {
         "mask": mask.astype(int).tolist(),
         "classes_present": [classes[i] for i in np.unique(mask)],

@@ -22,6 +22,19 @@ SMALL_MODEL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
 SHORT = TrainConfig(epochs=3, batch_size=128, warmup_epochs=1, learning_rate=0.01)
 
 
+TINY = {"width_multiplier": 0.25}
+QUICK = {"epochs": 1, "warmup_epochs": 0, "batch_size": 128}
+
+
+def workspace(prepared, root, *, model=None, train=None) -> None:
+    """A project folder at `root`: the prepared digits and params.yaml with these changes."""
+    shutil.copytree(prepared, root / "data" / "prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(model or {})
+    params["train"].update(train or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 class EpochCounter(keras.callbacks.Callback):
     def __init__(self, stop_after: int | None = None):
         super().__init__()
@@ -177,11 +190,7 @@ def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
 def test_train_and_evaluate_stages_on_jax_backend(digits_prepared, tmp_path):
     """The GPU machine has JAX and no TensorFlow: the stages must run on KERAS_BACKEND=jax."""
     pytest.importorskip("jax")
-    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(width_multiplier=0.25)
-    params["train"].update(epochs=2, warmup_epochs=0, batch_size=128)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    workspace(digits_prepared, tmp_path, model=TINY, train=dict(QUICK, epochs=2))
 
     for stage in ("train", "evaluate"):
         done = run_cli([stage], tmp_path, KERAS_BACKEND="jax")
@@ -203,13 +212,12 @@ def test_nan_loss_stops_training_marks_the_run_failed_and_registers_nothing(
     """A learning rate that blows up: exit 1 with the reason in one line, the MLflow run
     FAILED with that reason, no model written, no checkpoint left to resume, nothing
     registered by the next stage."""
-    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(width_multiplier=0.25, norm="none")
-    params["train"].update(
-        epochs=3, warmup_epochs=0, batch_size=128, optimizer="sgd", learning_rate=10.0
+    workspace(
+        digits_prepared,
+        tmp_path,
+        model=dict(TINY, norm="none"),
+        train=dict(QUICK, epochs=3, optimizer="sgd", learning_rate=10.0),
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     done = run_cli(["train"], tmp_path)
     assert done.returncode == 1, done.stderr[-3000:]
@@ -250,11 +258,7 @@ def test_interrupted_run_that_cannot_resume_is_closed_as_failed(digits_prepared,
 
     from pipeline.train import RUN_ID_FILE
 
-    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(width_multiplier=0.25)
-    params["train"].update(epochs=1, warmup_epochs=0, batch_size=128)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     artifacts = (tmp_path / "mlartifacts").as_uri()
     experiment = client.create_experiment("digits-cnn", artifact_location=artifacts)
@@ -281,10 +285,7 @@ def test_unreachable_tracking_store_is_one_line_before_training(store, digits_pr
     one line naming the store (password masked), no training, no model written."""
     from conftest import free_port
 
-    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(epochs=1, warmup_epochs=0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    workspace(digits_prepared, tmp_path, train=dict(epochs=1, warmup_epochs=0))
     (tmp_path / "not-a-folder").write_text("")
     uri = store.format(port=free_port(), file=tmp_path / "not-a-folder")
     done = run_cli(
@@ -304,10 +305,7 @@ def test_image_size_below_the_architecture_minimum_is_one_line_before_any_run(
 ):
     """Digits prepared at 16x16 and model.arch vgg16 (needs 32): exit 2 naming both keys,
     before an MLflow run or a checkpoint exists."""
-    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(arch="vgg16")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    workspace(digits_prepared, tmp_path, model=dict(arch="vgg16"))
     done = run_cli(["train"], tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     error = done.stderr.strip().splitlines()[-1]
