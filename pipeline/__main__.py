@@ -8,7 +8,9 @@ its exit code (2 for bad input, 1 for a refused promotion).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -319,7 +321,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        full = out_of_space(exc)
+        if full is None:
+            raise
+        print(
+            f"error: {args.command}: out of disk space ({full}); free some and rerun: "
+            "outputs already finished and training checkpoints were kept",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+_OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# The C library's words inside wrapped messages (h5py), SQLite's (the MLflow store on
+# the same disk), and numpy's for a short write
+_OUT_OF_SPACE_WORDS = re.compile(
+    r"No space left on device|Disk quota exceeded|File too large|database or disk is full"
+    r"|(\d+) requested and (\d+) written"
+)
+
+
+def out_of_space(exc: BaseException) -> str | None:
+    """What ran out, if `exc` (or an error it wraps: h5py, Keras, MLflow wrap them) is a
+    write that failed for lack of space; None for any other error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE_ERRNOS:
+            return os.strerror(exc.errno) + (f": {exc.filename}" if exc.filename else "")
+        found = _OUT_OF_SPACE_WORDS.search(str(exc))
+        if found and found[1]:
+            return f"a write stopped short: {found[2]} of {found[1]} bytes written"
+        if found:
+            return text[:200]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import EvaluateConfig, flatten
-from pipeline.data.atomic import write_json
+from pipeline.data.atomic import write_json, write_text
 from pipeline.data.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 from pipeline.errors import DataError
 
@@ -179,13 +179,13 @@ def run_segmentation(
             if k.startswith("test_")
         }
     table = plots_dir / TABLES_DIR / "per_class_iou.csv"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(
+    write_text(
+        table,
         "class,iou,dice,accuracy,pixels\n"
         + "".join(
             f"{name},{_cell(v['iou'])},{_cell(v['dice'])},{_cell(v['accuracy'])},{v['pixels']}\n"
             for name, v in per_class.items()
-        )
+        ),
     )
     out = plots_dir / IMAGES_DIR
     files = [

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.atomic import atomic_file
+
 # Above this many classes, cell counts would be unreadable: colour only.
 MAX_ANNOTATED_CLASSES = 30
 # Above this many classes, tick labels would overlap: none are drawn.
@@ -38,8 +40,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save `fig` as PNG at `path` (parent created), then close it."""
     out = Path(path)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png", dpi=DPI)
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         _close(fig)
     return out
@@ -261,8 +263,7 @@ def confusion_csv(
             raise ValueError(f"{name} must be in [0, {n}) for {n} class names")
     names = [str(c) for c in class_names]
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as f:
+    with atomic_file(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["actual", "predicted"])
         writer.writerows((names[a], names[p]) for a, p in zip(labels, preds, strict=True))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.atomic import atomic_file
 from pipeline.data.layout import IMAGE_SUFFIXES, MODEL_DIR, PREPARED_DIR
 from pipeline.errors import DataError
 
@@ -81,7 +82,7 @@ def run(
     if segmentation:
         _write_legend(classes, out_dir / "classes.csv")
     else:
-        with open(csv_path, "w", newline="") as f:
+        with atomic_file(csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "class", "probability", "top5"])
             writer.writerows(rows)
@@ -126,15 +127,15 @@ def _write_masks(mask: np.ndarray, classes: list[str], stem: Path) -> None:
 
     from pipeline.plots import colour_mask
 
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask).save(stem.parent / f"{stem.name}_classes.png")
-    Image.fromarray(colour_mask(mask, len(classes))).save(stem.parent / f"{stem.name}.png")
+    for suffix, pixels in (("_classes", mask), ("", colour_mask(mask, len(classes)))):
+        with atomic_file(stem.parent / f"{stem.name}{suffix}.png") as tmp:
+            Image.fromarray(pixels).save(tmp)
 
 
 def _write_legend(classes: list[str], path: Path) -> None:
     from pipeline.plots import class_colours
 
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "class", "r", "g", "b"])
         for index, (name, rgb) in enumerate(zip(classes, class_colours(len(classes)), strict=True)):

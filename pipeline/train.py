@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import AugmentConfig, MlflowConfig, ModelConfig, TrainConfig, flatten
+from pipeline.data.atomic import atomic_dir, atomic_file, write_text
 from pipeline.data.layout import CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 from pipeline.errors import PipelineError, TrainingDiverged
 
@@ -131,6 +132,7 @@ def fit_model(
     from pipeline import transfer
     from pipeline.augment import BatchAugmenter, MaskAugmenter, check_augment, is_identity
     from pipeline.backend import set_precision
+    from pipeline.checkpoints import AtomicBackupAndRestore, HistoryLog
     from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
     from pipeline.regularize import add_kernel_regularization
 
@@ -187,10 +189,10 @@ def fit_model(
             standard_logs_callback(),
             # Record the epoch before backing it up: a crash in between reruns the
             # epoch (identically) rather than leaving it out of the history.
-            keras.callbacks.CSVLogger(str(history_csv), append=True),
+            HistoryLog(history_csv),
             *loggers,
             # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
-            keras.callbacks.BackupAndRestore(str(backup_dir)),
+            AtomicBackupAndRestore(str(backup_dir)),
             *early_stopping(cfg),
             *extra_callbacks,
         ]
@@ -211,7 +213,8 @@ def fit_model(
                 f"train: {guard.found}; lower train.learning_rate or raise train.warmup_epochs "
                 "(the run is marked FAILED, nothing is saved or registered)"
             )
-        model.save_weights(done)
+        with atomic_file(done) as tmp:  # a torn file here would pass for a finished phase
+            model.save_weights(tmp)
         if model.stop_training:
             stopped_early = True
             break
@@ -378,7 +381,7 @@ def reset_stale_checkpoint(
         )
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+    write_text(stamp, fingerprint)
     return abandoned
 
 
@@ -395,9 +398,8 @@ def read_history(path: Path) -> dict[str, list[float]]:
 
 
 def write_history(history: dict[str, list[float]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(history)
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(keys)
         writer.writerows(zip(*(history[k] for k in keys), strict=True))
@@ -427,7 +429,6 @@ def run(
     from pipeline import tracking
     from pipeline.augment import check_augment, check_mask_augment
     from pipeline.config import check_task
-    from pipeline.data.atomic import atomic_dir
     from pipeline.data.prepare import read_card
     from pipeline.models.card import model_card
     from pipeline.models.registry import check_buildable

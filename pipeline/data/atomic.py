@@ -50,11 +50,31 @@ def _swap_into_place(new: Path, target: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: object, *, sort_keys: bool = True) -> None:
-    """Write JSON through a temporary file and an atomic rename (keys sorted unless the
-    order means something, like classes in label order)."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`.
+
+    The temporary name ends like `path` (`.weights.h5`, `.png`), so writers that
+    check the suffix accept it. On an exception (a full disk, a crash) it is
+    removed and an existing `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path.write_text(text)`, completely or not at all."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: object, *, sort_keys: bool = True) -> None:
+    """Write JSON completely or not at all (keys sorted unless the order means
+    something, like classes in label order)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
