@@ -16,14 +16,16 @@ from pipeline.errors import ConfigError
 from pipeline.transfer import load_source
 
 
-def crafted_model(path: Path, marker: Path) -> None:
+def crafted_model(path: Path, marker: Path):
     """A classifier whose Lambda writes `marker` whenever it is called (a stand-in for code
-    an attacker would run on load)."""
+    an attacker would run on load), saved at `path`; also returned."""
     inputs = keras.Input((16, 16, 1))
     x = keras.layers.Lambda(lambda t, m=str(marker): (open(m, "w").close(), t)[1])(inputs)
     x = keras.layers.Flatten()(x)
-    keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x)).save(path)
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    model.save(path)
     marker.unlink()  # building the model called the Lambda once
+    return model
 
 
 def test_train_init_from_refuses_a_lambda_file(tmp_path):
@@ -47,3 +49,26 @@ def test_predict_refuses_a_lambda_file_in_place_of_the_model(digits_prepared, tm
     error = done.stderr.strip().splitlines()[-1]
     assert "model.keras: refused: it holds Python code (a Lambda layer)" in error
     assert not marker.exists() and not (tmp_path / "out.csv").exists()
+
+
+def test_served_model_refuses_a_lambda_file(tmp_path, monkeypatch):
+    """A Lambda model that reached the MLflow store (logged by hand, say) is refused when
+    the pyfunc loads it for serving, `mlflow models serve` included: the same one line,
+    and its code never runs."""
+    import mlflow
+
+    from pipeline import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    marker = tmp_path / "code-ran"
+    evil = crafted_model(tmp_path / "evil.keras", marker)
+    card = {"classes": [str(i) for i in range(10)], "image_shape": [16, 16, 1]}
+    with tracking.training_run("exp", run_name="evil", params={}, tags={}):
+        uri = tracking.log_model(evil, card=card)
+    marker.unlink(missing_ok=True)  # logging saves the model, which may trace the Lambda
+
+    with pytest.raises(Exception, match=r"model.keras: refused: it holds Python code"):
+        mlflow.pyfunc.load_model(uri)
+    assert not marker.exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow exports it

@@ -191,6 +191,10 @@ def test_logged_model_takes_encoded_images_and_arrays_at_any_size(store, tmp_pat
         loaded.predict(pd.DataFrame({"image": [b"not an image"]}))
     with pytest.raises(Exception, match=r"row 0: 'array' must be \(H, W\)"):
         loaded.predict(pd.DataFrame({"array": [[[1, 2], [3]]]}))
+    with pytest.raises(Exception, match="send images in a column 'image'"):
+        loaded.predict(pd.DataFrame({"image": pd.Series([], dtype=object)}))
+    with pytest.raises(Exception, match="row 1: neither 'image' nor 'array' is set"):
+        loaded.predict(pd.DataFrame({"image": [encoded[0], None], "array": [None, None]}))
 
 
 def test_credentials_in_urls_are_never_logged(store):
