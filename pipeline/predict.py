@@ -45,8 +45,6 @@ def run(
     from PIL import Image
     from tqdm import tqdm
 
-    from pipeline.data.prepare import load_image
-
     if not images_dir.is_dir():
         raise DataError(f"predict: {images_dir} is not a folder of images")
     paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -62,23 +60,23 @@ def run(
     out_dir = output if segmentation else csv_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress)
-    for start in range(0, len(paths), BATCH):
-        chunk = paths[start : start + BATCH]
-        batch = np.stack([load_image(p, (height, width), channels) for p in chunk])
-        probs = np.asarray(model.predict_on_batch(batch.astype(np.float32)))
-        for path, prob in zip(chunk, probs, strict=True):
-            name = path.relative_to(images_dir)
-            if segmentation:
-                with Image.open(path) as original:
-                    mask = mask_at_size(prob, original.size)
-                _write_masks(mask, classes, out_dir / name.with_suffix(""))
-            else:
-                top = ranked(prob, classes)
-                top5 = "|".join(top["top5"])
-                rows.append([name.as_posix(), top["class"], f"{top['probability']:.6f}", top5])
-        bar.update(len(chunk))
-    bar.close()
+    # closed on an error too, so the error starts a line of its own
+    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+        for start in range(0, len(paths), BATCH):
+            chunk = paths[start : start + BATCH]
+            batch = np.stack([_input(p, (height, width), channels) for p in chunk])
+            probs = np.asarray(model.predict_on_batch(batch.astype(np.float32)))
+            for path, prob in zip(chunk, probs, strict=True):
+                name = path.relative_to(images_dir)
+                if segmentation:
+                    with Image.open(path) as original:
+                        mask = mask_at_size(prob, original.size)
+                    _write_masks(mask, classes, out_dir / name.with_suffix(""))
+                else:
+                    top = ranked(prob, classes)
+                    top5 = "|".join(top["top5"])
+                    rows.append([name.as_posix(), top["class"], f"{top['probability']:.6f}", top5])
+            bar.update(len(chunk))
     if segmentation:
         _write_legend(classes, out_dir / "classes.csv")
     else:
@@ -87,6 +85,17 @@ def run(
             writer.writerow(["file", "class", "probability", "top5"])
             writer.writerows(rows)
     return len(paths)
+
+
+def _input(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One image as the model's input; a file that does not decode is named, as prepare
+    names it."""
+    from pipeline.data.prepare import load_image
+
+    try:
+        return load_image(path, size, channels)
+    except DataError as exc:
+        raise DataError("predict: " + str(exc).removeprefix("prepare: ")) from None
 
 
 def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):

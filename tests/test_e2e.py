@@ -27,6 +27,7 @@ from conftest import (
     server_process,
     sh,
 )
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +140,35 @@ def test_predict_classifies_a_folder_of_images(project):
     assert rows[0] == "file,class,probability,top5" and len(rows) == 1 + 183  # 183 threes
     assert sum(row.split(",")[1] == "3" for row in rows[1:]) > 0.95 * 183
     shutil.rmtree(project / "preds")
+
+
+def test_predict_errors_name_the_folder_or_the_file(project, tmp_path):
+    """Not a folder, a folder without images, a damaged image among good ones: one line
+    naming it, exit 2, and the predictions already in the output file are kept."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(project / "data" / "raw" / "3" / sorted(os.listdir(project / "data/raw/3"))[0],
+                images / "good.png")  # fmt: skip
+    output = tmp_path / "earlier.csv"
+    output.write_text("file,class,probability,top5\nold.png,3,0.99,3|5|8|9|1\n")
+    before = output.read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    cut = tmp_path / "cut.jpg"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(cut, quality=95)
+    (images / "damaged.jpg").write_bytes(cut.read_bytes()[:300])
+    for target, named in [
+        (images / "good.png", "good.png is not a folder of images"),
+        (empty, f") in {empty}"),
+        (images, "damaged.jpg"),
+    ]:
+        done = run_cli(["predict", str(target), "--output", str(output)], project)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        (error,) = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert error.startswith("error: predict: ") and named in error
+        assert output.read_text() == before
 
 
 def test_second_repro_is_a_no_op(project):
@@ -580,8 +610,6 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
     # Colour-coded masks for a folder, back at the images' own 64x64.
     done = run_cli(["predict", "data/raw/test/images", "--out", "scene-masks"], project)
     assert done.returncode == 0, done.stderr[-2000:]
-    from PIL import Image
-
     out = project / "scene-masks"
     assert len(list(out.glob("*_classes.png"))) == 200
     indices = np.asarray(Image.open(out / "0000_classes.png"))
@@ -590,3 +618,7 @@ def test_segmentation_experiment_runs_through_the_same_stages(project):
     legend = (out / "classes.csv").read_text().splitlines()
     assert legend[1].startswith("0,background,")
     shutil.rmtree(out)
+    as_csv = run_cli(["predict", "data/raw/test/images", "--out", "masks.csv"], project)
+    assert as_csv.returncode == 2 and as_csv.stderr.count("\n") == 1
+    assert "masks.csv: a segmentation model writes masks into a folder" in as_csv.stderr
+    assert not (project / "masks.csv").exists()
