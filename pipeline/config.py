@@ -70,6 +70,9 @@ class PrepareConfig:
     val_fraction: float = _num(0.15, ge=0, lt=1)
     test_fraction: float = _num(0.15, gt=0, lt=1)
     seed: int = 42
+    # an image (or mask) that does not decode, truncated included: fail naming it, or skip
+    # it (left out before the split; counted and named in the data card)
+    on_corrupt: Literal["fail", "skip"] = "fail"
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, tuple) and len(self.image_size) != 2:

@@ -1,16 +1,22 @@
-"""Shared fixtures: small real data, prepared once per session."""
+"""Shared fixtures and helpers: small real data, subprocess runners, a local HTTP server."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,3 +163,92 @@ def server_process(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@dataclass
+class Server:
+    """The `server` fixture: files under `root` are served at `url`."""
+
+    root: Path
+    url: str
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www; /slow/* never answers."""
+    root = tmp_path / "www"
+    root.mkdir()
+    release = threading.Event()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.path.startswith("/slow/"):
+                release.wait(30)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Server(root, f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+# --------------------------------------------------------------------------- damaged images
+
+
+def jpeg_bytes(seed: int, size: int = 16) -> bytes:
+    """A valid JPEG of RGB noise, so most of the file is compressed image data."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def image_data_start(jpeg: bytes) -> int:
+    """Where a JPEG's compressed image data starts: after the start-of-scan header."""
+    sos = jpeg.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
+
+
+def cut_jpeg(good: bytes) -> bytes:
+    """A JPEG cut off halfway through its image data (a download that stopped)."""
+    start = image_data_start(good)
+    return good[: start + (len(good) - start) // 2]
+
+
+def truncated_jpeg(seed: int = 0) -> bytes:
+    return cut_jpeg(jpeg_bytes(seed))
+
+
+def garbled_jpeg(seed: int = 0) -> bytes:
+    """A real JPEG's headers, then garbage where its image data was, and its end marker.
+
+    Only garbage that libjpeg rejects: about 4 random fills in 10 decode, to noise, with
+    nothing but a libjpeg warning that PIL does not pass on, so neither PIL nor prepare can
+    tell those from a photo of noise.
+    """
+    good = jpeg_bytes(seed)
+    start = image_data_start(good)
+    rng = np.random.default_rng(seed)
+    while True:
+        damaged = good[:start] + rng.bytes(len(good) - start - 2) + b"\xff\xd9"
+        try:
+            with Image.open(io.BytesIO(damaged)) as img:
+                img.load()
+        except OSError:
+            return damaged
+
+
+CORRUPT_JPEGS = {"truncated": truncated_jpeg, "garbage-after-header": garbled_jpeg}

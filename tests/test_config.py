@@ -93,6 +93,11 @@ BAD_CASES = [
     ),
     ("channels-2", with_value("prepare", "channels", 2), ["prepare.channels", "1, 3", "got 2"]),
     (
+        "on-corrupt-ignore",
+        with_value("prepare", "on_corrupt", "ignore"),
+        ["prepare.on_corrupt", "'fail', 'skip'", "got 'ignore'"],
+    ),
+    (
         "unknown-arch",
         with_value("model", "arch", "resnet9000"),
         ["model.arch", "'resnet9000'", "simple_cnn", "resnet18"],

@@ -7,10 +7,7 @@ import io
 import json
 import stat
 import tarfile
-import threading
 import zipfile
-from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -78,44 +75,6 @@ def leftovers(parent: Path) -> list[str]:
 
 def pngs(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.png"))
-
-
-@dataclass
-class Server:
-    root: Path
-    url: str
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www; /slow/* never answers."""
-    root = tmp_path / "www"
-    root.mkdir()
-    release = threading.Event()
-
-    class Handler(SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.path.startswith("/slow/"):
-                release.wait(30)
-                return
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Server(root, f"http://127.0.0.1:{httpd.server_address[1]}")
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
 
 
 # --------------------------------------------------------------------------- digits

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import CORRUPT_JPEGS, garbled_jpeg, jpeg_bytes, truncated_jpeg
+from PIL import Image, ImageFile
 
 from pipeline.config import FetchConfig, PrepareConfig
 from pipeline.data import fetch, prepare
@@ -62,6 +64,16 @@ def make_folder(root: Path, per_class: dict[str, int], start: int = 0) -> dict[s
             made[name].append(image)
             index += 1
     return made
+
+
+def make_jpeg_folder(root: Path, per_class: dict[str, int]) -> None:
+    """`root/<class>/<n>.jpg`, valid JPEGs of noise, unique per file."""
+    seed = 0
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i:03d}.jpg").write_bytes(jpeg_bytes(seed))
+            seed += 1
 
 
 def read_split(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -281,6 +293,206 @@ def test_missing_source_json_says_run_fetch(tmp_path: Path) -> None:
     make_folder(raw, {"a": 5, "b": 5})
     with pytest.raises(DataError, match="source.json.*pipeline fetch"):
         prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+@pytest.mark.parametrize("layout", ["classes", "splits"])
+def test_empty_class_folder_is_refused_naming_it(tmp_path: Path, layout: str) -> None:
+    """A class folder without images stops prepare: dropped silently, it would shift the
+    label of every class after it. A folder with only non-image files is empty too."""
+    raw = tmp_path / "raw"
+    root = raw if layout == "classes" else raw / "test"
+    make_folder(raw if layout == "classes" else raw / "train", {"a": 10, "c": 10})
+    if layout == "splits":
+        make_folder(root, {"a": 2, "c": 2}, start=100)
+    write_source(raw, ["a", "b", "c"], 20, [] if layout == "classes" else ["test", "train"])
+    cfg = PrepareConfig(image_size=8, val_fraction=0.2, test_fraction=0.2)
+    out = tmp_path / "prepared"
+    prepare.run(cfg, raw, out)
+    before = snapshot(out)
+
+    (root / "b").mkdir()
+    (root / "b" / "notes.txt").write_text("images to come")
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg, raw, out)
+    assert str(err.value) == (
+        f"prepare: class folder {root / 'b'} has no images "
+        "(.bmp, .gif, .jpeg, .jpg, .png, .webp); add some or remove the folder"
+    )
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+def test_single_class_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_folder(raw, {"cat": 10})
+    write_source(raw, ["cat"], 10, [])
+    with pytest.raises(DataError) as err:
+        prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert str(err.value) == (
+        f"prepare: {raw} has one class folder (cat); a classifier needs at least 2"
+    )
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_split_folder_missing_says_rerun_fetch(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_folder(raw / "train", {"a": 10, "b": 10})
+    write_source(raw, ["a", "b"], 24, ["test", "train"])  # test/ deleted since fetch
+    with pytest.raises(DataError) as err:
+        prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert str(err.value) == (
+        f"prepare: split folder {raw / 'test'} is missing ({raw / 'source.json'} lists it); "
+        "rerun `python -m pipeline fetch`"
+    )
+
+
+def test_hidden_folders_and_files_are_not_data(tmp_path: Path) -> None:
+    """As in fetch: `.ipynb_checkpoints/` is no class, `._0.png` (macOS litter) no image."""
+    raw = tmp_path / "raw"
+    make_folder(raw, {"a": 10, "b": 10})
+    make_folder(raw / ".ipynb_checkpoints", {"x": 3}, start=100)
+    (raw / "__MACOSX").mkdir()
+    (raw / "a" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_source(raw, ["a", "b"], 20, [])
+    card = prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert card["classes"] == ["a", "b"]
+    assert sum(card["totals"].values()) == 20
+
+
+# --------------------------------------------------------------------------- corrupt images
+
+
+@pytest.mark.parametrize("kind", CORRUPT_JPEGS)
+def test_corrupt_jpeg_fails_naming_the_file_and_keeps_previous_output(
+    tmp_path: Path, kind: str
+) -> None:
+    raw = tmp_path / "raw"
+    make_jpeg_folder(raw, {"a": 10, "b": 10})
+    write_source(raw, ["a", "b"], 20, [])
+    out = tmp_path / "prepared"
+    cfg = PrepareConfig(image_size=8, channels=3)
+    prepare.run(cfg, raw, out)
+    before = snapshot(out)
+
+    bad = raw / "b" / "005.jpg"  # replaces a good one
+    bad.write_bytes(CORRUPT_JPEGS[kind]())
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg, raw, out)
+    message = str(err.value)
+    assert message.startswith(f"prepare: cannot decode image {bad}: ")
+    assert message.endswith("; replace or delete it, or set prepare.on_corrupt: skip")
+    assert "\n" not in message
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+@pytest.mark.parametrize("kind", CORRUPT_JPEGS)
+@pytest.mark.parametrize("on_corrupt", ["fail", "skip"])
+def test_damaged_jpeg_is_corrupt_even_when_pil_loads_truncated_images(
+    tmp_path: Path, monkeypatch, kind: str, on_corrupt: str
+) -> None:
+    """Some library may set PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES; PIL then
+    decodes these files without an error, filling in grey. prepare still sees them."""
+    raw = tmp_path / "raw"
+    make_jpeg_folder(raw, {"a": 10, "b": 10})
+    write_source(raw, ["a", "b"], 21, [])
+    bad = raw / "a" / "bad.jpg"
+    bad.write_bytes(CORRUPT_JPEGS[kind]())
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with Image.open(bad) as lenient:
+        lenient.load()  # the trap: no error
+
+    cfg = PrepareConfig(image_size=8, channels=3, on_corrupt=on_corrupt)
+    if on_corrupt == "fail":
+        with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+            prepare.run(cfg, raw, tmp_path / "prepared")
+    else:
+        card = prepare.run(cfg, raw, tmp_path / "prepared")
+        assert card["skipped_files"] == ["a/bad.jpg"]
+        assert sum(card["totals"].values()) == 20
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's setting is given back
+
+
+def test_skip_leaves_corrupt_files_out_as_if_deleted(tmp_path: Path, capsys) -> None:
+    """on_corrupt skip: the prepared data is what the folder without the corrupt files
+    gives (same split, same arrays), and the card and a warning line name them."""
+    raw = tmp_path / "raw"
+    make_jpeg_folder(raw, {"a": 12, "b": 12})
+    make_folder(raw, {"c": 12}, start=500)
+    corrupt = {
+        "a/cut.jpg": truncated_jpeg(1),
+        "b/garbled.jpg": garbled_jpeg(2),
+        "c/noise.png": np.random.default_rng(3).bytes(300),
+    }
+    for name, data in corrupt.items():
+        (raw / name).write_bytes(data)
+    write_source(raw, ["a", "b", "c"], 39, [])
+    clean = tmp_path / "clean"
+    shutil.copytree(raw, clean)
+    for name in corrupt:
+        (clean / name).unlink()
+
+    cfg = PrepareConfig(image_size=8, channels=3, val_fraction=0.2, test_fraction=0.2, seed=5)
+    card = prepare.run(dataclasses.replace(cfg, on_corrupt="skip"), raw, tmp_path / "skipped")
+    expected = prepare.run(cfg, clean, tmp_path / "expected")
+
+    assert card["skipped_corrupt"] == 3
+    assert card["skipped_files"] == sorted(corrupt)
+    assert json.loads(data_card_file(tmp_path / "skipped").read_text()) == card
+    assert expected["skipped_corrupt"] == 0 and expected["skipped_files"] == []
+    assert card["counts"] == expected["counts"]
+    assert sum(card["totals"].values()) == 36
+    assert card["data_hash"] == expected["data_hash"]
+    for split in SPLITS:
+        for read in (images_file, labels_file):
+            assert np.array_equal(
+                np.load(read(tmp_path / "skipped", split)),
+                np.load(read(tmp_path / "expected", split)),
+            ), (split, read.__name__)
+
+    warning = capsys.readouterr().err.splitlines()
+    assert warning == [
+        "warning: prepare: skipped 3 corrupt file(s) (prepare.on_corrupt: skip): "
+        + ", ".join(str(raw / name) for name in sorted(corrupt))
+        + f"; all in {data_card_file(tmp_path / 'skipped')} (skipped_files)"
+    ]
+
+
+def test_skip_names_the_first_five_and_counts_the_rest(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "raw"
+    make_jpeg_folder(raw, {"a": 10, "b": 10})
+    names = [f"a/bad{i}.jpg" for i in range(7)]
+    for i, name in enumerate(names):
+        (raw / name).write_bytes(truncated_jpeg(i))
+    write_source(raw, ["a", "b"], 27, [])
+    card = prepare.run(
+        PrepareConfig(image_size=8, channels=3, on_corrupt="skip"), raw, tmp_path / "prepared"
+    )
+    assert card["skipped_corrupt"] == 7 and card["skipped_files"] == names
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "skipped 7 corrupt file(s)" in line
+    assert [name for name in names if str(raw / name) in line] == names[:5]
+    assert " and 2 more; all in " in line
+
+
+def test_skip_refuses_a_class_whose_images_are_all_corrupt(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_jpeg_folder(raw, {"a": 10})
+    (raw / "b").mkdir()
+    for i in range(3):
+        (raw / "b" / f"{i}.jpg").write_bytes(garbled_jpeg(i))
+    write_source(raw, ["a", "b"], 13, [])
+    cfg = PrepareConfig(image_size=8, channels=3, on_corrupt="skip")
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg, raw, tmp_path / "prepared")
+    assert str(err.value) == (
+        f"prepare: every image in class folder {raw / 'b'} is corrupt; "
+        "replace them or remove the folder"
+    )
     assert not (tmp_path / "prepared").exists()
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cut_jpeg
 from PIL import Image
 
 from pipeline.config import FetchConfig, PrepareConfig
@@ -157,3 +160,61 @@ def test_digit_scenes_prepare_end_to_end(tmp_path):
     assert card["counts"] == {"train": 1000, "val": 200, "test": 200}
     assert card["num_classes"] == 11 and card["classes"][0] == "background"
     assert all(card["class_pixels"]["test"][str(d)] > 0 for d in range(10))
+
+
+def test_corrupt_mask_fails_naming_it(tmp_path):
+    raw = tmp_path / "raw"
+    write_pairs(raw, stripes(6, void=255))
+    png = (raw / "masks" / "004.png").read_bytes()
+    (raw / "masks" / "004.png").write_bytes(png[: len(png) // 2])
+    write_source(raw, ["a", "b", "c"], [], ignore_index=255)
+    with pytest.raises(DataError) as err:
+        prepare.run(PrepareConfig(image_size=12, test_fraction=0.25), raw, tmp_path / "prepared")
+    message = str(err.value)
+    assert message.startswith(f"prepare: cannot decode mask {raw / 'masks' / '004.png'}: ")
+    assert message.endswith("; replace or delete it, or set prepare.on_corrupt: skip")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_skip_leaves_out_pairs_with_a_corrupt_image_or_mask(tmp_path, capsys):
+    """on_corrupt skip: a pair whose image or mask does not decode goes, and the rest is
+    carved as if the pair had never been there."""
+    raw = tmp_path / "raw"
+    write_pairs(raw, stripes(10, void=255))
+    write_source(raw, ["a", "b", "c"], [], ignore_index=255)
+    clean = tmp_path / "clean"
+    shutil.copytree(raw, clean)
+    (raw / "images" / "003.jpg").write_bytes(cut_jpeg((raw / "images" / "003.jpg").read_bytes()))
+    png = (raw / "masks" / "006.png").read_bytes()
+    (raw / "masks" / "006.png").write_bytes(png[: len(png) // 2])
+    for name in ("003", "006"):
+        (clean / "images" / f"{name}.jpg").unlink()
+        (clean / "masks" / f"{name}.png").unlink()
+
+    cfg = PrepareConfig(image_size=12, channels=3, val_fraction=0.2, test_fraction=0.2)
+    card = prepare.run(dataclasses.replace(cfg, on_corrupt="skip"), raw, tmp_path / "skipped")
+    expected = prepare.run(cfg, clean, tmp_path / "expected")
+    assert card["skipped_corrupt"] == 2
+    assert card["skipped_files"] == ["images/003.jpg", "masks/006.png"]
+    assert card["counts"] == expected["counts"] and sum(card["counts"].values()) == 8
+    assert card["data_hash"] == expected["data_hash"]
+    assert card["class_pixels"] == expected["class_pixels"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: prepare: skipped 2 corrupt file(s) (prepare.on_corrupt: skip)")
+    assert str(raw / "images" / "003.jpg") in line and str(raw / "masks" / "006.png") in line
+
+
+def test_skip_refuses_a_split_whose_pairs_are_all_corrupt(tmp_path):
+    raw = tmp_path / "raw"
+    write_pairs(raw / "train", stripes(6, void=255))
+    write_pairs(raw / "val", stripes(2, void=255))
+    for mask in (raw / "val" / "masks").iterdir():
+        mask.write_bytes(mask.read_bytes()[:40])
+    write_source(raw, ["a", "b", "c"], ["train", "val"], ignore_index=255)
+    cfg = PrepareConfig(image_size=12, test_fraction=0.25, on_corrupt="skip")
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg, raw, tmp_path / "prepared")
+    assert str(err.value) == (
+        f"prepare: every image or mask under {raw / 'val'} is corrupt; replace them"
+    )
+    assert not (tmp_path / "prepared").exists()

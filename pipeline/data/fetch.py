@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.config import FetchConfig
 from pipeline.data.archive import archive_kind, archive_name, download, safe_extract
 from pipeline.data.atomic import atomic_dir
-from pipeline.data.layout import IMAGE_SUFFIXES, RAW_DIR
+from pipeline.data.layout import IGNORED_DIRS, IMAGE_SUFFIXES, RAW_DIR
 from pipeline.errors import DataError
 
 # Folder names that mean "split layout", and the name each one is written as.
@@ -31,7 +31,6 @@ SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "tes
 # Root-level files worth keeping beside the class folders.
 CLASSES_FILE = "classes.txt"
 KEEP_FILES = (CLASSES_FILE,)
-IGNORED_DIRS = frozenset({"__MACOSX"})
 
 
 def run(cfg: FetchConfig, out_dir: Path = RAW_DIR) -> dict:

@@ -14,6 +14,8 @@ CHECKPOINT_DIR = Path("data/checkpoints")
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+# Never data: hidden folders (names starting with ".") and macOS zip litter.
+IGNORED_DIRS = frozenset({"__MACOSX"})
 
 
 def images_file(prepared_dir: Path, split: str) -> Path:
