@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.redact import mask_urls_in
 
 STAGES = ("fetch", "prepare", "train", "evaluate", "register")
 
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STAGES:  # `dvc repro` then shows each stage's wall time
             print(f"{args.command}: {time.perf_counter() - start:.1f} s wall time")
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_urls_in(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,21 +26,16 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import ConfigError
+from pipeline.redact import SECRET_IN_QUERY, mask_uri
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"
 CONNECT_TIMEOUT_S = 5
 JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
-# Query parameters that carry secrets: passwords, tokens, presigned-URL signatures and keys.
-_PASSWORD_IN_QUERY = re.compile(
-    r"(?i)(?<=[?&;])((?:password|passwd|pwd|token|access_token|secret|signature|sig|"
-    r"credential|key|api_key|apikey|x-amz-signature|x-amz-credential|x-amz-security-token)=)"
-    r"[^&;#]*"
-)
 
 
 @dataclass(frozen=True)
@@ -53,23 +48,6 @@ class ServerConfig:
     allowed_hosts: str | None
 
 
-def mask_uri(uri: str) -> str:
-    """`uri` with the password of its user part, and secret query values (`password=`,
-    `token=`, presigned-URL signatures and credentials), as `***`."""
-    masked = _PASSWORD_IN_QUERY.sub(r"\1***", uri)
-    try:
-        parts = urlsplit(masked)
-    except ValueError:
-        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", masked)
-    if "@" not in parts.netloc:
-        return masked
-    userinfo, hostinfo = parts.netloc.rsplit("@", 1)
-    if ":" not in userinfo:
-        return masked
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
-
-
 def _secrets(uri: str) -> list[str]:
     """The password of `uri` as written and decoded, to scrub from other text."""
     found = []
@@ -79,7 +57,7 @@ def _secrets(uri: str) -> list[str]:
             found.append(userinfo[0].split(":", 1)[1])
     except ValueError:
         pass
-    found += [m.group(0).split("=", 1)[1] for m in _PASSWORD_IN_QUERY.finditer(uri)]
+    found += [m.group(0).split("=", 1)[1] for m in SECRET_IN_QUERY.finditer(uri)]
     return [s for secret in found if secret for s in {secret, unquote(secret)}]
 
 

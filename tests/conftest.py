@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -175,7 +176,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www; /slow/* never answers."""
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www; /slow/* never answers;
+    /private/* answers only HTTP Basic auth as bob, password s3cret (401 otherwise)."""
     root = tmp_path / "www"
     root.mkdir()
     release = threading.Event()
@@ -187,6 +189,11 @@ def server(tmp_path):
         def do_GET(self):  # noqa: N802 - http.server's naming
             if self.path.startswith("/slow/"):
                 release.wait(30)
+                return
+            if self.path.startswith("/private/") and self.headers.get("Authorization") != (
+                "Basic " + base64.b64encode(b"bob:s3cret").decode()
+            ):
+                self.send_error(401, "Unauthorized")
                 return
             super().do_GET()
 

@@ -474,3 +474,41 @@ def test_real_camvid_archive(tmp_path):
     assert info["task"] == "segmentation" and info["ignore_index"] == 11
     assert info["splits"] == ["train", "val"] and info["num_images"] == 367 + 101
     assert info["classes"][0] == "sky" and len(info["classes"]) == 11
+
+
+def test_password_in_the_url_is_sent_as_basic_auth_and_stored_nowhere(
+    tmp_path, server, monkeypatch, capsys
+):
+    """`https://user:password@host/...` fetches from a server that wants Basic auth; the
+    password is in no file of data/raw (a DVC output, shared by `dvc push`) and not in the
+    one-line error of a wrong one."""
+    from pipeline.__main__ import main
+
+    (server.root / "private").mkdir()
+    make_tar(server.root / "private" / "pets.tar.gz", class_files())
+    url = f"{server.url.replace('//', '//bob:s3cret@')}/private/pets.tar.gz?token=t0ken"
+    out = tmp_path / "raw"
+
+    info = fetch.run(archive_cfg(url), out)
+
+    assert info["num_images"] == 6
+    assert json.loads((out / "source.json").read_text())["url"] == (
+        f"{server.url.replace('//', '//bob:***@')}/private/pets.tar.gz?token=***"
+    )
+    for path in out.rglob("*"):
+        assert not path.is_file() or b"s3cret" not in path.read_bytes()
+        assert not path.is_file() or b"t0ken" not in path.read_bytes()
+
+    with pytest.raises(DataError, match="answered HTTP 401"):
+        fetch.run(archive_cfg(url.replace("s3cret", "wrong")), tmp_path / "other")
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"fetch:\n  source: archive\n  url: {url.replace('s3cret', 'wr0ng')}\n  timeout_s: 5\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the CLI fetches into ./data/raw
+    assert main(["--params", str(params), "fetch"]) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error == (
+        f"error: fetch: {server.url.replace('//', '//bob:***@')}/private/pets.tar.gz?token=*** "
+        "answered HTTP 401 (Unauthorized)"
+    )

@@ -12,6 +12,7 @@ with one line naming the archive and, where there is one, the member.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import lzma
@@ -163,8 +164,8 @@ def local_path(url: str) -> Path:
 
 def _open_http(url: str, timeout_s: float):
     """urlopen with one-line DataErrors for every way a server can fail to answer."""
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
+        request = _request(url)
         return urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 - http(s) only
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -179,6 +180,23 @@ def _open_http(url: str, timeout_s: float):
         raise DataError(f"fetch: {url} failed before sending data ({_reason(exc)})") from exc
     except ValueError as exc:
         raise DataError(f"fetch: {url} is not a valid URL ({exc})") from exc
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A GET of `url`; a `user:password@` in it becomes HTTP Basic auth (urllib would take
+    it for part of the host), sent to that host only, never along a redirect."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    host = parts.netloc.rsplit("@", 1)[1]
+    request = urllib.request.Request(
+        urllib.parse.urlunsplit(parts._replace(netloc=host)), headers={"User-Agent": USER_AGENT}
+    )
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
 
 
 def _timeout_error(url: str, timeout_s: float) -> DataError:

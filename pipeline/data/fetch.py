@@ -25,6 +25,7 @@ from pipeline.data.archive import archive_kind, archive_name, download, safe_ext
 from pipeline.data.atomic import atomic_dir
 from pipeline.data.layout import IGNORED_DIRS, IMAGE_SUFFIXES, RAW_DIR
 from pipeline.errors import DataError
+from pipeline.redact import mask_uri
 
 # Folder names that mean "split layout", and the name each one is written as.
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -108,7 +109,7 @@ def _source_info(
 ) -> dict:
     info = {
         "source": source,
-        "url": url,
+        "url": mask_uri(url),  # DVC outputs are shared (dvc push): no credentials in them
         "sha256": sha256,
         "task": task,
         "num_images": num_images,
