@@ -55,14 +55,34 @@ def tracking_uri() -> str:
 def _mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(_opened(tracking_uri()))
     return mlflow
 
 
 def _client():
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    return MlflowClient(tracking_uri=_opened(tracking_uri()))
+
+
+_OPENED: set[str] = set()
+
+
+def _opened(uri: str) -> str:
+    """`uri`, a SQLite store first opened by one process at a time.
+
+    MLflow creates the tables of a new SQLite database when a process first opens it,
+    without a lock: two processes opening a new `mlflow.db` at once (`dvc queue start
+    -j 2`) both create them and one fails ("table ... already exists"). Under a lock
+    per store, the second finds them made.
+    """
+    if uri.startswith("sqlite:") and uri not in _OPENED:
+        from mlflow import MlflowClient
+
+        with _machine_lock("store", uri):
+            MlflowClient(tracking_uri=uri)  # opens the store: creates its tables if new
+        _OPENED.add(uri)
+    return uri
 
 
 def ensure_experiment(name: str) -> str:
@@ -119,8 +139,8 @@ def training_run(
     opening a second one, so the run holds every epoch. An exception inside
     marks the run FAILED (mlflow's context manager does that).
     """
-    mlflow = _mlflow()
     with reaching_the_store():
+        mlflow = _mlflow()
         experiment_id = ensure_experiment(experiment)
     previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
     start = {"run_id": previous} if previous else {"run_name": run_name}
@@ -371,12 +391,19 @@ def _promotion_lock(name: str) -> Iterator[None]:
     once could both compare against the old champion, and the worse one could
     land last. A lock file per (store, model) in the temp folder prevents that.
     """
+    with _machine_lock("promote", f"{tracking_uri()}\0{name}"):
+        yield
+
+
+@contextlib.contextmanager
+def _machine_lock(kind: str, key: str) -> Iterator[None]:
+    """An exclusive lock on `key` among this machine's processes: a file in the temp folder."""
     import fcntl
     import hashlib
     import tempfile
 
-    key = hashlib.sha256(f"{tracking_uri()}\0{name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"pipeline-promote-{key}.lock"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"pipeline-{kind}-{digest}.lock"
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
