@@ -113,7 +113,8 @@ def record(
         curves = plots_dir / IMAGES_DIR / "training_curves.png"
         files = [*files, plots.training_curves_png(read_history(history_csv), curves), history_csv]
     run_file = tracking.read_run_file(model_dir)
-    with tracking.reopened_run(run_file["run_id"]):
+    kept = f"{metrics_dir / 'eval.json'} is written; rerun evaluate when it answers"
+    with tracking.reopened_run(run_file["run_id"], then=kept):
         # Tags, not params: params are immutable and a cached training run may be re-evaluated.
         tracking.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})

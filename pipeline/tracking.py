@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.data.layout import MODEL_DIR
 from pipeline.errors import PipelineError, PromotionRefused
+from pipeline.redact import mask_uri, masked
 
 RUN_FILE = MODEL_DIR / "mlflow_run.json"
 DEFAULT_DB = Path("mlflow.db")
@@ -139,7 +140,7 @@ def training_run(
     opening a second one, so the run holds every epoch. An exception inside
     marks the run FAILED (mlflow's context manager does that).
     """
-    with reaching_the_store():
+    with reaching_the_store("no training started"):
         mlflow = _mlflow()
         experiment_id = ensure_experiment(experiment)
     previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
@@ -155,16 +156,15 @@ def training_run(
 
 
 @contextlib.contextmanager
-def reaching_the_store() -> Iterator[None]:
+def reaching_the_store(then: str = "") -> Iterator[None]:
     """A tracking store that cannot be reached or written as one line naming it (password
-    masked), before any training starts. MLflow's own bounded HTTP retries come first
-    (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
+    masked) and, in `then`, what was kept and what to do. MLflow's own bounded HTTP
+    retries come first (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
     import re
 
     from mlflow.exceptions import MlflowException
 
     from pipeline.errors import ConfigError
-    from pipeline.server import mask_uri
 
     try:
         yield
@@ -174,7 +174,7 @@ def reaching_the_store() -> Iterator[None]:
         reason = re.sub(r"(//[^/:@\s]+:)[^@/\s]+@", r"\1***@", reason)  # MLflow repeats the URI
         raise ConfigError(
             f"MLFLOW_TRACKING_URI {mask_uri(tracking_uri())}: cannot use the tracking store "
-            f"({reason[:300]})"
+            f"({reason[:300]})" + (f"; {then}" if then else "")
         ) from None
 
 
@@ -208,7 +208,7 @@ def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:
 
     write_json(
         out_dir / RUN_FILE.name,
-        {"run_id": run_id, "model_uri": model_uri, "tracking_uri": tracking_uri()},
+        {"run_id": run_id, "model_uri": model_uri, "tracking_uri": mask_uri(tracking_uri())},
     )
 
 
@@ -253,7 +253,7 @@ def log_model(model, *, card: dict) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         keras_file, card_file = Path(tmp, "model.keras"), Path(tmp, "data_card.json")
         model.save(keras_file)
-        write_json(card_file, _masked(card))
+        write_json(card_file, masked(card))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(serving.__file__).with_name("served_model.py")),
@@ -291,14 +291,14 @@ def log_text(text: str, name: str) -> None:
 
 
 def log_dict(data: dict, name: str) -> None:
-    _mlflow().log_dict(_masked(data), name)
+    _mlflow().log_dict(masked(data), name)
 
 
 @contextlib.contextmanager
-def reopened_run(run_id: str) -> Iterator[None]:
-    """Resume the run started by train, for evaluate's metrics and plots."""
-    mlflow = _mlflow()
-    with mlflow.start_run(run_id=run_id):
+def reopened_run(run_id: str, *, then: str) -> Iterator[None]:
+    """Resume the run started by train, for evaluate's metrics and plots; a store that
+    went away since training is one line ending with `then`."""
+    with reaching_the_store(then), _mlflow().start_run(run_id=run_id):
         yield
 
 
@@ -317,20 +317,7 @@ def set_tags(tags: dict[str, str]) -> None:
 def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
     """URL values with passwords, tokens and signatures masked: params, tags and logged
     files are visible to everyone who can open the MLflow UI."""
-    return {k: _masked(v) for k, v in values.items()}
-
-
-def _masked(value: Any) -> Any:
-    """`value` with every URL string in it (nested dicts and lists too) masked."""
-    from pipeline.server import mask_uri
-
-    if isinstance(value, str):
-        return mask_uri(value) if "://" in value else value
-    if isinstance(value, dict):
-        return {k: _masked(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_masked(v) for v in value)
-    return value
+    return {k: masked(v) for k, v in values.items()}
 
 
 VERSION_TAGS = ("architecture", "data_hash", "git_commit", "git_dirty", "dvc_experiment")
@@ -344,14 +331,15 @@ def register(run_file: dict[str, str], name: str, *, metrics: dict[str, float]) 
     """
     import mlflow
 
-    _mlflow()
-    client = _client()
-    run = client.get_run(run_file["run_id"])
-    tags = {k: run.data.tags[k] for k in VERSION_TAGS if k in run.data.tags}
-    tags.update({k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)})
-    version = mlflow.register_model(run_file["model_uri"], name, tags=tags)
-    client.update_model_version(name, version.version, description=_describe(run, metrics))
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    with reaching_the_store("nothing new is registered; rerun register when it answers"):
+        _mlflow()
+        client = _client()
+        run = client.get_run(run_file["run_id"])
+        tags = {k: run.data.tags[k] for k in VERSION_TAGS if k in run.data.tags}
+        tags.update({k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)})
+        version = mlflow.register_model(run_file["model_uri"], name, tags=tags)
+        client.update_model_version(name, version.version, description=_describe(run, metrics))
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
     return str(version.version)
 
 
@@ -379,7 +367,7 @@ def promote(
     Returns (version, champion's figure or None, candidate's figure). A worse
     candidate raises PromotionRefused unless `force`.
     """
-    with _promotion_lock(name):
+    with _promotion_lock(name), reaching_the_store("no alias was moved"):
         return _promote(name, version, metric, higher_is_better, force)
 
 

@@ -223,3 +223,14 @@ def test_credentials_in_urls_are_never_logged(store):
     assert "hunter2" not in json.dumps(card) and card["source"]["url"].startswith(
         "https://bob:***@"
     )
+
+
+def test_run_file_keeps_the_tracking_uri_without_its_password(tmp_path, monkeypatch):
+    """data/model/mlflow_run.json (a DVC output) says which store holds the run, masked."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:s3cret@mlflow.example.com")
+    tracking.write_run_file("abc123", "models:/m-1", tmp_path)
+    assert json.loads((tmp_path / "mlflow_run.json").read_text()) == {
+        "run_id": "abc123",
+        "model_uri": "models:/m-1",
+        "tracking_uri": "https://bob:***@mlflow.example.com",
+    }

@@ -300,6 +300,38 @@ def test_unreachable_tracking_store_is_one_line_before_training(store, digits_pr
     assert "Epoch 1" not in done.stdout and not (tmp_path / "data" / "model").exists()
 
 
+def test_store_gone_after_training_fails_evaluate_and_register_in_one_line(
+    digits_prepared, tmp_path
+):
+    """The tracking server stops answering between stages: evaluate and register each exit
+    2 with one line naming the store and what was kept; once it answers again, the same
+    commands log the metrics and register the model."""
+    from conftest import free_port
+    from mlflow import MlflowClient
+
+    workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
+    assert run_cli(["train"], tmp_path).returncode == 0
+    gone = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    gone["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    for stage, kept in [
+        ("evaluate", "metrics/eval.json is written; rerun evaluate when it answers"),
+        ("register", "nothing new is registered; rerun register when it answers"),
+    ]:
+        failed = run_cli([stage], tmp_path, **gone)
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        assert "Traceback" not in failed.stderr
+        error = failed.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"error: MLFLOW_TRACKING_URI {gone['MLFLOW_TRACKING_URI']}: ")
+        assert error.endswith(kept)
+        assert run_cli([stage], tmp_path).returncode == 0
+
+    (run,) = client.search_runs([client.get_experiment_by_name("digits-cnn").experiment_id])
+    assert run.info.status == "FINISHED" and "test_top1" in run.data.metrics
+    assert str(client.get_model_version_by_alias("digits-classifier", "challenger").version) == "1"
+
+
 def test_image_size_below_the_architecture_minimum_is_one_line_before_any_run(
     digits_prepared, tmp_path
 ):
