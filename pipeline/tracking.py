@@ -156,20 +156,26 @@ def training_run(
 
 
 @contextlib.contextmanager
-def reaching_the_store(then: str = "") -> Iterator[None]:
-    """A tracking store that cannot be reached or written as one line naming it (password
-    masked) and, in `then`, what was kept and what to do. MLflow's own bounded HTTP
-    retries come first (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
+def reaching_the_store(then: str = "", *, file_errors: bool = True) -> Iterator[None]:
+    """A tracking store that cannot be reached, written or locked as one line naming it
+    (password masked) and, in `then`, what was kept and what to do. MLflow's own bounded
+    HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES) and SQLite's busy wait come first.
+
+    `file_errors=False` leaves OSErrors alone: around training, a full disk is not the
+    store's fault.
+    """
     import re
 
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError  # SQLite stores: "database is locked"
 
     from pipeline.errors import ConfigError
 
+    store_errors = (MlflowException, SQLAlchemyError, *((OSError,) if file_errors else ()))
     try:
         yield
-    except (MlflowException, OSError) as exc:
-        text = str(exc).strip()
+    except store_errors as exc:
+        text = re.sub(r"^\(\w+(\.\w+)*\) ", "", str(exc).strip())  # SQLAlchemy's "(sqlite3.X) "
         reason = text.splitlines()[0] if text else type(exc).__name__
         reason = re.sub(r"(//[^/:@\s]+:)[^@/\s]+@", r"\1***@", reason)  # MLflow repeats the URI
         raise ConfigError(

@@ -475,13 +475,19 @@ def run(
         tracking.fail_abandoned_run(
             abandoned, "interrupted; not resumed because params or data changed since"
         )
-    with tracking.training_run(
-        mlflow_cfg.experiment,
-        run_name=model_cfg.arch,
-        params=params,
-        tags=tags,
-        resume_file=checkpoint_dir / RUN_ID_FILE,
-    ) as run_id:
+    with (
+        # the store failing mid-training: one line; the checkpoint stays for the rerun
+        tracking.reaching_the_store(
+            "training stopped; rerun train to resume at its last epoch", file_errors=False
+        ),
+        tracking.training_run(
+            mlflow_cfg.experiment,
+            run_name=model_cfg.arch,
+            params=params,
+            tags=tags,
+            resume_file=checkpoint_dir / RUN_ID_FILE,
+        ) as run_id,
+    ):
         try:
             result = fit_model(
                 model_cfg,

@@ -300,6 +300,34 @@ def test_unreachable_tracking_store_is_one_line_before_training(store, digits_pr
     assert "Epoch 1" not in done.stdout and not (tmp_path / "data" / "model").exists()
 
 
+def test_locked_store_is_one_line_before_training(digits_prepared, tmp_path):
+    """Another process holds mlflow.db in an exclusive transaction for longer than SQLite's
+    busy wait: train stops with one line naming the store, before any epoch; once the lock
+    is released, train runs."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
+    db = tmp_path / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the store
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        done = run_cli(["train"], tmp_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: MLFLOW_TRACKING_URI sqlite:///")
+    assert "database is locked" in error and error.endswith("no training started")
+    assert "Epoch 1" not in done.stdout and not (tmp_path / "data" / "model").exists()
+    assert run_cli(["train"], tmp_path).returncode == 0
+
+
 def test_store_gone_after_training_fails_evaluate_and_register_in_one_line(
     digits_prepared, tmp_path
 ):
