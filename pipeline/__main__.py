@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     command = bench.command_line(sys.argv[1:])
     markdown = args.out.with_suffix(".md")
-    records = bench.sweep(planned, args.out, markdown, command)
+    records = bench.sweep(planned, args.out, markdown, command, mfu=args.mfu)
     print(f"bench: {len(records)} cases -> {args.out}, {markdown}")
     if args.baseline:
         for line in bench.compare_with_baseline(records, args.baseline):
@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--baseline", type=Path, help="an earlier .jsonl: print ratios against it")
     bench.add_argument("--mlflow", action="store_true", help="log the results as an MLflow run")
+    bench.add_argument(
+        "--mfu",
+        action="store_true",
+        help="measure each framework's bf16 matmul rate first; report training MFU against it",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 

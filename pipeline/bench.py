@@ -163,6 +163,41 @@ def run_case(case: Case, *, timeout_s: float = CASE_TIMEOUT_S) -> Result:
     return Result(case, figures=json.loads(lines[-1]))
 
 
+def matmul_peaks(planned: list[Case], side: int = 0, *, echo=print) -> dict[str, float]:
+    """The bfloat16 matrix-multiply TFLOP/s each framework/backend of `planned` reaches on
+    this machine (one worker each; `side` 0 picks the size), the denominator of MFU."""
+    peaks = {}
+    for runner in dict.fromkeys(_runner(case) for case in planned):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        if runner != "torch":
+            env["KERAS_BACKEND"] = runner
+        framework = "timm" if runner == "torch" else "keras"
+        command = [sys.executable, "-m", "pipeline.bench_worker", "--peak", framework, str(side)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode == 0 and lines:
+            peaks[runner] = json.loads(lines[-1])["matmul_tflops"]
+        else:
+            echo(f"bf16 matmul peak on {runner} failed, no MFU for it: {_failure(done)}")
+    return peaks
+
+
+def _runner(case: Case) -> str:
+    """What runs a case: the Keras backend, or "torch" for timm."""
+    return "torch" if case.framework == "timm" else case.backend
+
+
+def with_mfu(record: dict, peaks: dict[str, float]) -> dict:
+    """`record` with `mfu`: its training FLOP/s over the measured bf16 matmul rate."""
+    peak = peaks.get("torch" if record["framework"] == "timm" else record["backend"])
+    if record["status"] != "ok" or not peak:
+        return record
+    return record | {
+        "matmul_tflops": peak,
+        "mfu": record["train_gflops_per_s"] / (peak * 1000),
+    }
+
+
 def _failure(done: subprocess.CompletedProcess) -> str:
     """The last meaningful line of a worker's stderr (an OOM kill has none)."""
     if done.returncode < 0:
@@ -203,15 +238,26 @@ def machine() -> str:
 
 
 def sweep(
-    planned: list[Case], jsonl: Path, markdown: Path | None, command: str, *, echo=print
+    planned: list[Case],
+    jsonl: Path,
+    markdown: Path | None,
+    command: str,
+    *,
+    mfu: bool = False,
+    echo=print,
 ) -> list[dict]:
-    """Run every case in turn, appending each record to `jsonl` as it lands."""
+    """Run every case in turn, appending each record to `jsonl` as it lands. With `mfu`,
+    each framework's bf16 matmul rate is measured first and every record gets its MFU."""
     info = context(command)
+    peaks = matmul_peaks(planned, echo=echo) if mfu else {}
+    if peaks:
+        info["matmul_tflops"] = peaks
+        echo("bf16 matmul peak: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks.items()))
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for i, case in enumerate(planned, 1):
         result = run_case(case)
-        record = result.record(info)
+        record = with_mfu(result.record(info), peaks)
         records.append(record)
         with open(jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -251,6 +297,7 @@ COLUMNS = [
     ("device MB", "peak_device_mb"),
     ("MMACs/img", "mmacs_per_image"),
     ("train GFLOP/s", "train_gflops_per_s"),
+    ("MFU", "mfu"),
     ("vs timm (train)", "vs_timm"),
 ]
 
@@ -267,6 +314,15 @@ def table(records: list[dict], info: dict) -> str:
         f"Machine: {info['machine']}  ",
         f"Versions: {versions}  ",
         f"Date: {info['date']}  ",
+        *(
+            [
+                "bf16 matmul peak (MFU's denominator): "
+                + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in info["matmul_tflops"].items())
+                + "  "
+            ]
+            if info.get("matmul_tflops")
+            else []
+        ),
         f"Command: `{info['command']}`",
         "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
@@ -303,6 +359,8 @@ def _cell(r: dict, key: str, peers: dict) -> str:
     value = r.get(key)
     if value is None:
         return "–"
+    if key == "mfu":
+        return f"{value:.1%}"
     return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
 

@@ -19,6 +19,10 @@ def main(argv: list[str]) -> int:
     from pipeline.bench import Case
     from pipeline.errors import PipelineError
 
+    if argv[0] == "--peak":  # --peak FRAMEWORK SIDE (0: 8192 on a GPU, 2048 on a CPU)
+        side = int(argv[2]) or (8192 if has_gpu(argv[1]) else 2048)
+        print(json.dumps(matmul_peak(argv[1], side)))
+        return 0
     case = Case(**json.loads(argv[0]))
     try:
         images, labels, num_classes = data(case)
@@ -296,6 +300,57 @@ def _torchvision_stand_in() -> None:
             pass
 
     sys.meta_path.insert(0, Finder())
+
+
+def has_gpu(framework: str) -> bool:
+    if framework == "timm":
+        import torch
+
+        return torch.cuda.is_available()
+    from pipeline.backend import gpu_compute_capability
+
+    return gpu_compute_capability() is not None
+
+
+def matmul_peak(framework: str, side: int, seconds: float = 2.0) -> dict:
+    """The bfloat16 matrix-multiply rate this device reaches, in TFLOP/s: MFU's denominator.
+
+    Square `side`x`side` products, repeated for about `seconds` after one untimed call,
+    synchronized by reading one value back. Keras measures on the backend KERAS_BACKEND
+    names (on its default device); "timm" measures with PyTorch (on CUDA if there is one).
+    """
+    if framework == "timm":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+
+        def product():
+            return torch.matmul(a, a)
+
+        def wait(x):
+            return float(x[0, 0])
+    else:
+        import keras
+
+        a = keras.ops.cast(keras.random.normal((side, side)), "bfloat16")
+
+        def product():
+            return keras.ops.matmul(a, a)
+
+        def wait(x):  # via float32: TensorFlow's bfloat16 scalars do not become numpy
+            return float(keras.ops.convert_to_numpy(keras.ops.cast(x[0, 0], "float32")))
+
+    wait(product())  # compile, allocate
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+        out = product()
+        count += 1
+        if count % 8 == 0:
+            wait(out)
+    wait(out)
+    elapsed = time.perf_counter() - start
+    return {"matmul_side": side, "matmul_tflops": 2 * side**3 * count / elapsed / 1e12}
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ TINY = ["--steps", "2", "--warmup", "1", "--batch-size", "8"]
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, list[dict], str]:
-    """lenet5 on TensorFlow, and vgg16 at 16x16, below its minimum (32)."""
+    """lenet5 on TensorFlow, and vgg16 at 16x16, below its minimum (32); with MFU."""
     work = tmp_path_factory.mktemp("bench")
     out = work / "r.jsonl"
     args = ["bench", "--arch", "lenet5,vgg16", "--image-size", "16", *TINY, "--out", str(out)]
+    args.append("--mfu")
     done = run_cli(args, work)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, [json.loads(line) for line in out.read_text().splitlines()], done.stdout
@@ -51,6 +52,13 @@ def test_records_have_every_figure_and_the_context(sweep):
     assert lenet["peak_device_mb"] is None  # no GPU here
     assert lenet["mmacs_per_image"] > 0 and lenet["versions"]["keras"]
     assert "[1/2] lenet5 keras/tensorflow float32 no-xla: train" in stdout
+    # MFU: training FLOP/s over the bf16 matmul rate measured first, on the same backend
+    assert lenet["matmul_tflops"] > 0
+    assert lenet["mfu"] == pytest.approx(
+        lenet["train_gflops_per_s"] / 1000 / lenet["matmul_tflops"]
+    )
+    assert 0 < lenet["mfu"] < 1
+    assert "bf16 matmul peak: tensorflow " in stdout
 
 
 def test_a_failing_case_is_recorded_and_the_sweep_goes_on(sweep):
@@ -69,6 +77,8 @@ def test_markdown_table_has_the_header_and_a_row_per_case(sweep):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| arch | framework | backend |") and len(rows) == 3
     assert "| failed: " in rows[2]
+    assert "bf16 matmul peak (MFU's denominator): tensorflow " in text
+    assert rows[0].endswith("| MFU | vs timm (train) |") and "% |" in rows[1]
 
 
 def test_baseline_prints_ratios_and_mlflow_logs_a_run(sweep, tmp_path):
