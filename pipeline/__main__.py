@@ -49,7 +49,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     print(
         f"train: {result.seconds:.1f}s, {result.images_per_second:.0f} images/s, "
-        f"policy {result.policy}" + (", stopped early" if result.stopped_early else "")
+        f"policy {result.policy}"
+        + (", stopped by train.max_minutes" if result.out_of_time else "")
+        + (", stopped early" if result.stopped_early and not result.out_of_time else "")
     )
 
 

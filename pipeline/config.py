@@ -200,6 +200,9 @@ class TrainConfig:
     # val_accuracy and val_top5: classification; val_miou: segmentation
     early_stopping_monitor: Literal["val_loss", "val_accuracy", "val_top5", "val_miou"] = "val_loss"
     early_stopping_restore_best: bool = True
+    # A training-time budget: stop after the epoch that leaves too little time for another
+    # (judged by that epoch's length) within this many minutes of fitting; 0 = off
+    max_minutes: float = _num(0.0, ge=0)
     # Transfer learning (pipeline.transfer): start from a registered model
     # (models:/NAME@ALIAS or models:/NAME/VERSION), an MLflow run (runs:/ID/model) or a
     # .keras file; layers are matched by name and shape, a head of another class count

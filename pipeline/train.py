@@ -33,7 +33,8 @@ class TrainResult:
     images_per_second: float
     # transfer learning: layers initialized from train.init_from
     transferred_layers: int = 0
-    stopped_early: bool = False
+    stopped_early: bool = False  # by early stopping, or by the time budget
+    out_of_time: bool = False  # stopped by train.max_minutes
 
 
 def check_batch_size(cfg: TrainConfig, train_images: int) -> None:
@@ -108,6 +109,28 @@ def divergence_guard():
     return DivergenceGuard()
 
 
+def time_budget(minutes: float, started: float):
+    """Stops `fit` after the epoch whose length, once more, would end past `minutes` after
+    `started` (a perf_counter time): epochs are never cut short."""
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.reached = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.perf_counter()
+            if minutes and now + (now - self.epoch_started) > started + 60 * minutes:
+                self.reached = True
+                self.model.stop_training = True
+
+    return TimeBudget()
+
+
 def fit_model(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -167,7 +190,7 @@ def fit_model(
     reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
     history_csv = checkpoint_dir / HISTORY_FILE
     steps = len(train_batches)
-    stopped_early = False
+    stopped_early = out_of_time = False
     epochs_run = 0
     started = time.perf_counter()
     for index, phase in enumerate(transfer.phases(cfg)):
@@ -182,6 +205,7 @@ def fit_model(
         transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
         compile_for_phase(model, cfg, steps, card, phase.start, train_y if segmentation else None)
         guard = divergence_guard()
+        budget = time_budget(cfg.max_minutes, started)
         callbacks = [
             guard,
             EpochOrder(train_batches),
@@ -194,6 +218,7 @@ def fit_model(
             # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
             AtomicBackupAndRestore(str(backup_dir)),
             *early_stopping(cfg),
+            budget,
             *extra_callbacks,
         ]
         fitted = model.fit(
@@ -216,7 +241,7 @@ def fit_model(
         with atomic_file(done) as tmp:  # a torn file here would pass for a finished phase
             model.save_weights(tmp)
         if model.stop_training:
-            stopped_early = True
+            stopped_early, out_of_time = True, budget.reached
             break
     seconds = time.perf_counter() - started
     return TrainResult(
@@ -228,6 +253,7 @@ def fit_model(
         images_per_second=epochs_run * len(train_y) / seconds if epochs_run else 0.0,
         transferred_layers=len(transferred.copied) if transferred else 0,
         stopped_early=stopped_early,
+        out_of_time=out_of_time,
     )
 
 
@@ -512,7 +538,9 @@ def run(
             {"precision_policy": result.policy, "transferred_layers": result.transferred_layers}
             | {f"model.{k}": v for k, v in figures.items() if isinstance(v, int)}
         )
-        tracking.set_tags({"stopped_early": str(result.stopped_early)})
+        tracking.set_tags(
+            {"stopped_early": str(result.stopped_early), "out_of_time": str(result.out_of_time)}
+        )
         tracking.log_dict(figures, "model_card.json")
         tracking.log_dict(card, tracking.DATA_CARD_ARTIFACT)
         tracking.log_metrics(

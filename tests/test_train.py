@@ -163,6 +163,22 @@ def test_interrupted_training_resumes_and_ends_as_if_never_stopped(digits_prepar
     assert resumed.images_per_second == pytest.approx(card["totals"]["train"] / resumed.seconds)
 
 
+def test_time_budget_ends_training_after_the_epoch_that_leaves_no_time(digits_prepared, tmp_path):
+    """train.max_minutes: the epoch in progress ends, no new one starts past the budget."""
+    card = read_card(digits_prepared)
+    counter = EpochCounter()
+    result = fit_model(
+        SMALL_MODEL,
+        replace(SHORT, max_minutes=0.001),  # 60 ms: less than one epoch
+        digits_prepared,
+        card,
+        checkpoint_dir=tmp_path / "ckpt",
+        extra_callbacks=[counter],
+    )
+    assert counter.epochs == [0] and result.history["epoch"] == [1]
+    assert result.out_of_time and result.stopped_early
+
+
 def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
     card = read_card(digits_prepared)
     ckpt = tmp_path / "ckpt"
