@@ -357,14 +357,13 @@ def out_of_space(exc: BaseException) -> str | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE_ERRNOS:
             return os.strerror(exc.errno) + (f": {exc.filename}" if exc.filename else "")
         found = _OUT_OF_SPACE_WORDS.search(str(exc))
         if found and found[1]:
             return f"a write stopped short: {found[2]} of {found[1]} bytes written"
         if found:
-            return text[:200]
+            return str(exc).splitlines()[0][:200]
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -148,48 +148,51 @@ def check_options(archs: list[str], backends, precisions, peer: bool, data: str)
 
 def run_case(case: Case, *, timeout_s: float = CASE_TIMEOUT_S) -> Result:
     """Measure one case in a fresh worker process; a crash or timeout is a failed Result."""
-    env = dict(os.environ)
-    if case.framework == "keras":
-        env["KERAS_BACKEND"] = case.backend
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    command = [sys.executable, "-m", "pipeline.bench_worker", json.dumps(asdict(case))]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return Result(case, "failed", f"timed out after {timeout_s:.0f} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return Result(case, "failed", _failure(done))
-    return Result(case, figures=json.loads(lines[-1]))
+    figures, error = _worker([json.dumps(asdict(case))], _runner(case.framework, case.backend),
+                             timeout_s)  # fmt: skip
+    return Result(case, figures=figures) if figures is not None else Result(case, "failed", error)
 
 
 def matmul_peaks(planned: list[Case], side: int = 0, *, echo=print) -> dict[str, float]:
     """The bfloat16 matrix-multiply TFLOP/s each framework/backend of `planned` reaches on
     this machine (one worker each; `side` 0 picks the size), the denominator of MFU."""
     peaks = {}
-    for runner in dict.fromkeys(_runner(case) for case in planned):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        if runner != "torch":
-            env["KERAS_BACKEND"] = runner
+    for runner in dict.fromkeys(_runner(case.framework, case.backend) for case in planned):
         framework = "timm" if runner == "torch" else "keras"
-        command = [sys.executable, "-m", "pipeline.bench_worker", "--peak", framework, str(side)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode == 0 and lines:
-            peaks[runner] = json.loads(lines[-1])["matmul_tflops"]
+        figures, error = _worker(["--peak", framework, str(side)], runner, 600)
+        if figures is not None:
+            peaks[runner] = figures["matmul_tflops"]
         else:
-            echo(f"bf16 matmul peak on {runner} failed, no MFU for it: {_failure(done)}")
+            echo(f"bf16 matmul peak on {runner} failed, no MFU for it: {error}")
     return peaks
 
 
-def _runner(case: Case) -> str:
+def _runner(framework: str, backend: str) -> str:
     """What runs a case: the Keras backend, or "torch" for timm."""
-    return "torch" if case.framework == "timm" else case.backend
+    return "torch" if framework == "timm" else backend
+
+
+def _worker(args: list[str], runner: str, timeout_s: float) -> tuple[dict | None, str]:
+    """`python -m pipeline.bench_worker ARGS` on `runner`: (its JSON figures, "") or (None,
+    why it failed)."""
+    env = dict(os.environ)
+    if runner != "torch":
+        env["KERAS_BACKEND"] = runner
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    command = [sys.executable, "-m", "pipeline.bench_worker", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout_s:.0f} s"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return None, _failure(done)
+    return json.loads(lines[-1]), ""
 
 
 def with_mfu(record: dict, peaks: dict[str, float]) -> dict:
     """`record` with `mfu`: its training FLOP/s over the measured bf16 matmul rate."""
-    peak = peaks.get("torch" if record["framework"] == "timm" else record["backend"])
+    peak = peaks.get(_runner(record["framework"], record["backend"]))
     if record["status"] != "ok" or not peak:
         return record
     return record | {

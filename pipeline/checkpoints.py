@@ -41,19 +41,17 @@ class HistoryLog(keras.callbacks.Callback):
         super().__init__()
         self.path = Path(path)
 
+    def on_train_begin(self, logs=None):
+        self.rows = []  # the epochs of earlier attempts and phases, then this fit's
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
     def on_epoch_end(self, epoch, logs=None):
-        rows = read_rows(self.path)
-        rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
-        keys = list(rows[0]) if len(rows) > 1 else ["epoch", *sorted(rows[0].keys() - {"epoch"})]
+        metrics = sorted((k, float(v)) for k, v in (logs or {}).items())
+        self.rows.append({"epoch": epoch, **dict(metrics)})
+        # the columns are the first epoch's, as the file's header has them
         with atomic_file(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, keys, restval=math.nan, extrasaction="ignore")
+            writer = csv.DictWriter(f, list(self.rows[0]), restval=math.nan, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a history CSV (none if it does not exist yet)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+            writer.writerows(self.rows)

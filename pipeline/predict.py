@@ -45,6 +45,8 @@ def run(
     from PIL import Image
     from tqdm import tqdm
 
+    from pipeline.data.prepare import load_image
+
     if not images_dir.is_dir():
         raise DataError(f"predict: {images_dir} is not a folder of images")
     paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -64,7 +66,8 @@ def run(
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
         for start in range(0, len(paths), BATCH):
             chunk = paths[start : start + BATCH]
-            batch = np.stack([_input(p, (height, width), channels) for p in chunk])
+            size = (height, width)
+            batch = np.stack([load_image(p, size, channels, stage="predict") for p in chunk])
             probs = np.asarray(model.predict_on_batch(batch.astype(np.float32)))
             for path, prob in zip(chunk, probs, strict=True):
                 name = path.relative_to(images_dir)
@@ -85,17 +88,6 @@ def run(
             writer.writerow(["file", "class", "probability", "top5"])
             writer.writerows(rows)
     return len(paths)
-
-
-def _input(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image as the model's input; a file that does not decode is named, as prepare
-    names it."""
-    from pipeline.data.prepare import load_image
-
-    try:
-        return load_image(path, size, channels)
-    except DataError as exc:
-        raise DataError("predict: " + str(exc).removeprefix("prepare: ")) from None
 
 
 def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):

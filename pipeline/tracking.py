@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.data.layout import MODEL_DIR
 from pipeline.errors import PipelineError, PromotionRefused
-from pipeline.redact import mask_uri, masked
+from pipeline.redact import mask_uri, mask_urls_in, masked
 
 RUN_FILE = MODEL_DIR / "mlflow_run.json"
 DEFAULT_DB = Path("mlflow.db")
@@ -176,8 +176,7 @@ def reaching_the_store(then: str = "", *, file_errors: bool = True) -> Iterator[
         yield
     except store_errors as exc:
         text = re.sub(r"^\(\w+(\.\w+)*\) ", "", str(exc).strip())  # SQLAlchemy's "(sqlite3.X) "
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        reason = re.sub(r"(//[^/:@\s]+:)[^@/\s]+@", r"\1***@", reason)  # MLflow repeats the URI
+        reason = mask_urls_in(text.splitlines()[0] if text else type(exc).__name__)
         raise ConfigError(
             f"MLFLOW_TRACKING_URI {mask_uri(tracking_uri())}: cannot use the tracking store "
             f"({reason[:300]})" + (f"; {then}" if then else "")

@@ -97,13 +97,13 @@ def _read_source(raw_dir: Path) -> dict:
 class CorruptImage(DataError):
     """An image or mask file that cannot be decoded; `prepare.on_corrupt` fails or skips."""
 
-    def __init__(self, path: Path, kind: str, exc: BaseException) -> None:
+    def __init__(self, path: Path, kind: str, exc: BaseException, stage: str = "prepare") -> None:
         if isinstance(exc, UnidentifiedImageError):
             why = "not a recognised image format"
         else:
             lines = str(exc).strip().splitlines()
             why = lines[0] if lines else exc.__class__.__name__
-        super().__init__(f"prepare: cannot decode {kind} {path}: {why}")
+        super().__init__(f"{stage}: cannot decode {kind} {path}: {why}")
         self.path = path
 
 
@@ -138,7 +138,9 @@ def strict_decoding() -> Iterator[None]:
                 ImageFile.LOAD_TRUNCATED_IMAGES = _strict_saved
 
 
-def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+def load_image(
+    path: Path, size: tuple[int, int], channels: int, *, stage: str = "prepare"
+) -> np.ndarray:
     """Decode one image to uint8 (height, width, channels) for `size` = (height, width),
     whatever its mode or bit depth. A file that does not decode completely (truncated
     included) raises CorruptImage."""
@@ -147,9 +149,9 @@ def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
             img.load()
             return to_model_input(img, size, channels)
     except Image.DecompressionBombError as exc:
-        raise DataError(f"prepare: refusing image {path}: {exc}") from None
+        raise DataError(f"{stage}: refusing image {path}: {exc}") from None
     except _DECODE_ERRORS as exc:
-        raise CorruptImage(path, "image", exc) from None
+        raise CorruptImage(path, "image", exc, stage) from None
 
 
 def to_model_input(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
