@@ -23,21 +23,21 @@ STAGES = ("fetch", "prepare", "train", "evaluate", "register")
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
-    from pipeline.data import fetch
+    from pipeline.stages import fetch
 
     summary = fetch.run(config.load("fetch", args.params))
     print(f"fetch: {summary['num_images']} images, {len(summary['classes'])} classes -> data/raw")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from pipeline.data import prepare
+    from pipeline.stages import prepare
 
     card = prepare.run(config.load("prepare", args.params))
     print(f"prepare: {card['totals']} images of {card['image_shape']} -> data/prepared")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pipeline import train
+    from pipeline.stages import train
 
     params = config.read_params(args.params)
     result = train.run(
@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline import evaluate
+    from pipeline.stages import evaluate
 
     report = evaluate.run(config.load("evaluate", args.params))
     if "test_miou" in report:
@@ -72,33 +72,35 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from pipeline import register
+    from pipeline.stages import register
 
     register.run(config.load("register", args.params))
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from pipeline import register
+    from pipeline.tools import promote
 
-    register.promote(
+    promote.run(
         config.load("register", args.params), name=args.name, version=args.version, force=args.force
     )
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    config.load_all(args.params)
+    from pipeline.tools import check
+
+    check.run(args.params)
     print(f"{args.params}: valid")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from pipeline import compare
+    from pipeline.tools import compare
 
     out = compare.run(args.experiment, args.out, log=not args.no_log)
     print(f"compare: report in {out / 'report.md'}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from pipeline import predict
+    from pipeline.tools import predict
 
     images = args.input or args.images
     if images is None:
@@ -111,7 +113,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     """Print the model card of each registered architecture (a table, or JSON)."""
     import json
 
-    from pipeline.models import card
+    from pipeline.models import model_card as card
 
     cards = card.registry_cards(
         args.image_size,
@@ -124,7 +126,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> None:
-    from pipeline import server
+    from pipeline.tools import server
 
     server.run(
         server.resolve(
@@ -139,7 +141,7 @@ def cmd_server(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from pipeline import bench
+    from pipeline.tools.bench import harness as bench
 
     archs = bench.check_options(
         _names(args.arch),
@@ -171,9 +173,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for line in bench.compare_with_baseline(records, args.baseline):
             print(line)
     if args.mlflow:
-        from pipeline import tracking
+        from pipeline.tracking import reports
 
-        run_id = tracking.log_bench(records, [args.out, markdown], command)
+        run_id = reports.log_bench(records, [args.out, markdown], command)
         print(f"bench: logged as MLflow run {run_id}")
 
 

@@ -3,7 +3,11 @@
 Each stage loads only the sections it reads (DVC's params dependencies list
 exactly those keys). Validation happens here, once: an unknown key, a wrong
 type or an out-of-range value raises ConfigError naming the key and what is
-allowed, before any stage writes anything.
+allowed, before any stage writes anything. Whether a model setting fits the
+chosen architecture is the architecture registry's knowledge:
+`pipeline.models.from_config.check_model` (called by `check` and `train`).
+This module imports no other part of the package but `errors`, so every stage
+can depend on it without depending on the model zoo.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pipeline.errors import ConfigError
 DEFAULT_PARAMS = Path("params.yaml")
 # The top-level `task` param: what train and evaluate do with the prepared data.
 TASKS = ("classification", "segmentation")
+# `model.arch` of task: segmentation (pipeline.models.segmentation builds them)
+SEGMENTATION_ARCHS = ("unet", "deeplabv3plus")
 
 
 def _range(
@@ -101,7 +107,8 @@ class ModelConfig:
     width_multiplier: float = _num(1.0, gt=0, le=8)
     # no early downsampling: for 32x32 and smaller inputs
     small_input: bool = True
-    # Operator choices of hand-written families (pipeline.models.blocks.LayerChoices).
+    # Operator choices (pipeline.models.blocks.LayerChoices); which architectures take
+    # which is pipeline.models.from_config's to say.
     conv: Literal["standard", "separable", "group", "dilated", "spatial_separable"] = "standard"
     groups: int = _num(4, ge=1)
     norm: Literal["batch", "group", "layer", "none"] = "batch"
@@ -119,47 +126,12 @@ class ModelConfig:
     aspp_rates: tuple[int, ...] = (6, 12, 18)
 
     def __post_init__(self) -> None:
-        from pipeline.models.registry import check_buildable, list_models
-        from pipeline.models.segmentation import PLAIN, SEGMENTATION_ARCHS
-
-        names = list_models()
-        if self.arch in SEGMENTATION_ARCHS:
-            if self.encoder != PLAIN and self.encoder not in names:
-                raise ConfigError(
-                    f"model.encoder {self.encoder!r} is unknown; allowed: {PLAIN}, "
-                    + ", ".join(names)
-                )
-            if self.arch == "deeplabv3plus" and self.encoder == PLAIN:
-                raise ConfigError("model.encoder: deeplabv3plus needs a zoo encoder, e.g. resnet18")
-            if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
-                raise ConfigError(f"model.aspp_rates must be >= 1, got {list(self.aspp_rates)}")
-            return
-        if self.arch not in names:
-            raise ConfigError(
-                f"model.arch {self.arch!r} is unknown; allowed: "
-                + ", ".join([*names, *SEGMENTATION_ARCHS])
-            )
-        check_buildable(self.arch, (1 << 30, 1 << 30, 3), self.layer_choices(), self.drop_path)
+        if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
+            raise ConfigError(f"model.aspp_rates must be >= 1, got {list(self.aspp_rates)}")
 
     @property
     def segmentation(self) -> bool:
-        from pipeline.models.segmentation import SEGMENTATION_ARCHS
-
         return self.arch in SEGMENTATION_ARCHS
-
-    def layer_choices(self):
-        """The operator choices as the model builders take them."""
-        from pipeline.models.blocks import LayerChoices
-
-        return LayerChoices(
-            conv=self.conv,
-            groups=self.groups,
-            norm=self.norm,
-            activation=self.activation,
-            padding=self.padding,
-            downsample=self.downsample,
-            head=self.head,
-        )
 
 
 @dataclass(frozen=True)
@@ -174,7 +146,7 @@ class TrainConfig:
     nesterov: bool = True  # sgd
     # decoupled (applied to the weights, not the gradient); not to norm layers and biases
     weight_decay: float = _num(0.0005, ge=0)
-    # Learning rate per step (pipeline.optim): constant | step (x gamma every step_epochs) |
+    # Learning rate per step (pipeline.training.optimizers): constant | step (x gamma every step_epochs) |
     # multistep (x gamma at each milestone epoch) | cosine | warmup_cosine | onecycle
     schedule: Literal["constant", "step", "multistep", "cosine", "warmup_cosine", "onecycle"] = (
         "warmup_cosine"
@@ -189,7 +161,7 @@ class TrainConfig:
     clip_norm: float = _num(0.0, ge=0)  # global gradient norm clip; 0 = off
     ema_momentum: float = _num(0.0, ge=0, lt=1)  # EMA of weights, e.g. 0.999; 0 = off
     label_smoothing: float = _num(0.0, ge=0, lt=1)
-    # Segmentation loss (pipeline.losses); classification always uses cross-entropy.
+    # Segmentation loss (pipeline.training.losses); classification always uses cross-entropy.
     loss: Literal["ce", "dice", "focal", "ce_dice"] = "ce"
     class_weights: Literal["none", "median_frequency"] = "none"  # segmentation
     focal_gamma: float = _num(2.0, ge=0)
@@ -203,7 +175,7 @@ class TrainConfig:
     # A training-time budget: stop after the epoch that leaves too little time for another
     # (judged by that epoch's length) within this many minutes of fitting; 0 = off
     max_minutes: float = _num(0.0, ge=0)
-    # Transfer learning (pipeline.transfer): start from a registered model
+    # Transfer learning (pipeline.training.transfer): start from a registered model
     # (models:/NAME@ALIAS or models:/NAME/VERSION), an MLflow run (runs:/ID/model) or a
     # .keras file; layers are matched by name and shape, a head of another class count
     # is trained from scratch.
@@ -241,7 +213,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-time augmentation (pipeline.augment); everything off by default."""
+    """Training-time augmentation (pipeline.training.augment); everything off by default."""
 
     flip: bool = False  # random horizontal flip
     crop_padding: int = _num(0, ge=0)  # pad by this many pixels (reflect), random crop back

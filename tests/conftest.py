@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def digits_prepared(tmp_path_factory) -> Path:
     """scikit-learn digits fetched and prepared at 16x16x1 in a session temp dir."""
     from pipeline.config import FetchConfig, PrepareConfig
-    from pipeline.data import fetch, prepare
+    from pipeline.stages import fetch, prepare
 
     base = tmp_path_factory.mktemp("digits")
     fetch.run(FetchConfig(), base / "raw")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.augment import BatchAugmenter, is_identity, pad_and_random_crop
 from pipeline.config import AugmentConfig
 from pipeline.errors import ConfigError
+from pipeline.training.augment import BatchAugmenter, is_identity, pad_and_random_crop
 
 SHAPE = (16, 16, 3)
 CLASSES = 4

@@ -14,9 +14,9 @@ from keras import layers
 
 from pipeline.__main__ import main
 from pipeline.errors import ConfigError
-from pipeline.models.card import format_table, model_card, registry_cards
+from pipeline.models.architectures import build_model, get_spec, list_models
 from pipeline.models.layers import Pad2D
-from pipeline.models.registry import build_model, get_spec, list_models
+from pipeline.models.model_card import format_table, model_card, registry_cards
 
 REQUIRED_KEYS = {"name", "params", "trainable_params", "macs", "receptive_field"}
 

@@ -21,7 +21,7 @@ from conftest import Server, copy_project, garbled_jpeg, run_cli, sh, truncated_
 from test_fetch import class_files, make_tar, mask_files, png_bytes, symlink
 
 from pipeline.config import FetchConfig
-from pipeline.data import fetch
+from pipeline.stages import fetch
 
 CLASSES = ("cat", "dog", "owl")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.compare import markdown, run_rows, varied_settings
+from pipeline.tools.compare import markdown, run_rows, varied_settings
 
 
 def fake_run(name: str, arch: str, wd: str, top1: float) -> dict:

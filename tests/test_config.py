@@ -13,6 +13,7 @@ import yaml
 
 from pipeline import config
 from pipeline.errors import ConfigError
+from pipeline.tools import check
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -174,7 +175,7 @@ def test_bad_params_name_the_key(tmp_path: Path, content, expected: list[str]) -
     else:
         write_params(bad, content)
     with pytest.raises(ConfigError) as info:
-        config.load_all(bad)
+        check.run(bad)
     message = str(info.value)
     for part in expected:
         assert part in message, f"{part!r} missing from {message!r}"

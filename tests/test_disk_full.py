@@ -24,9 +24,9 @@ from conftest import ROOT, pipeline_env, run_cli
 from test_train import SHORT, SMALL_MODEL, EpochCounter
 
 from pipeline.__main__ import out_of_space
-from pipeline.data.atomic import atomic_file
-from pipeline.data.prepare import read_card
-from pipeline.train import fit_model
+from pipeline.atomic import atomic_file
+from pipeline.data.data_card import read_card
+from pipeline.training.fit import fit_model
 
 MB = 1 << 20
 

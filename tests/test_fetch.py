@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import FetchConfig
-from pipeline.data import fetch
 from pipeline.data.archive import download, safe_extract
 from pipeline.errors import DataError
+from pipeline.stages import fetch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/datasets"
 CIFAR = SHARED / "cifar10-train.tar.gz"

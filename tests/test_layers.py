@@ -167,7 +167,7 @@ def test_downsample_choices_halve_the_map(kind, layer_type):
 
 
 def test_reflect_padded_resnet_builds_down_to_a_1x1_map():
-    from pipeline.models.registry import build_model
+    from pipeline.models.architectures import build_model
 
     model = build_model(
         "resnet18", (8, 8, 1), 3, width_multiplier=0.25, choices=LayerChoices(padding="reflect")
@@ -181,7 +181,7 @@ def test_model_with_custom_layers_loads_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.models.registry import build_model
+    from pipeline.models.architectures import build_model
 
     model = build_model("vit_tiny", (8, 8, 1), 3, width_multiplier=0.25, choices=LayerChoices())
     padded = build_model(
@@ -191,7 +191,7 @@ def test_model_with_custom_layers_loads_in_a_fresh_process(tmp_path):
         (tmp_path / name).mkdir()
         m.save(tmp_path / name / "model.keras")
     code = (
-        "import sys; from pathlib import Path; from pipeline.evaluate import load_trained_model;"
+        "import sys; from pathlib import Path; from pipeline.models.saved import load_trained_model;"
         "print(*[load_trained_model(Path(p)).count_params() for p in sys.argv[1:]])"
     )
     done = subprocess.run(

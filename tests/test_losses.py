@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.losses import SegmentationLoss, median_frequency_weights
+from pipeline.training.losses import SegmentationLoss, median_frequency_weights
 
 VOID = 11
 NUM_CLASSES = 4

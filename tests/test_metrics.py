@@ -1,4 +1,4 @@
-"""pipeline.metrics against sklearn, computed independently on random data."""
+"""pipeline.scoring.metrics against sklearn, computed independently on random data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline import metrics
+from pipeline.scoring import metrics
 
 
 def _random_probs(seed: int, n: int = 200, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:

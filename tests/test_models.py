@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.models.registry import build_model, get_spec, list_models
+from pipeline.models.architectures import build_model, get_spec, list_models
 
 # Builders name every layer after its place in the network; `blockN_`: the layers
 # keras.applications builds on our input (VGG-16/19: block1_conv1 ... block5_pool).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.optim import build_optimizer, build_schedule
+from pipeline.training.optimizers import build_optimizer, build_schedule
 
 STEPS = 10  # steps per epoch
 LR = 0.1

@@ -1,4 +1,4 @@
-"""pipeline.plots writes real PNGs and a CSV that reads back to the right rows."""
+"""pipeline.scoring.plots writes real PNGs and a CSV that reads back to the right rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import metrics, plots
+from pipeline.scoring import metrics, plots
 
 
 def _check_png(path: Path) -> tuple[int, int]:
@@ -139,7 +139,7 @@ def test_no_figures_leak(tmp_path: Path, report_and_cm) -> None:
 def test_importing_plots_does_not_import_matplotlib() -> None:
     import subprocess
 
-    code = "import sys, pipeline.plots, pipeline.metrics; print('matplotlib' in sys.modules)"
+    code = "import sys, pipeline.scoring.plots, pipeline.scoring.metrics; print('matplotlib' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -14,10 +14,10 @@ from conftest import CORRUPT_JPEGS, garbled_jpeg, jpeg_bytes, truncated_jpeg
 from PIL import Image, ImageFile
 
 from pipeline.config import FetchConfig, PrepareConfig
-from pipeline.data import fetch, prepare
-from pipeline.data.layout import SPLITS, data_card_file, images_file, labels_file
 from pipeline.data.loader import ArrayBatches, load_split
 from pipeline.errors import DataError
+from pipeline.layout import SPLITS, data_card_file, images_file, labels_file
+from pipeline.stages import fetch, prepare
 
 # --------------------------------------------------------------------------- helpers
 

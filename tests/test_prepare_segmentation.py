@@ -13,10 +13,10 @@ from conftest import cut_jpeg
 from PIL import Image
 
 from pipeline.config import FetchConfig, PrepareConfig
-from pipeline.data import fetch, prepare
-from pipeline.data.layout import images_file, labels_file
-from pipeline.data.prepare import VOID
+from pipeline.data.decode import VOID
 from pipeline.errors import DataError
+from pipeline.layout import images_file, labels_file
+from pipeline.stages import fetch, prepare
 
 
 def write_pairs(root: Path, masks: list[np.ndarray], mode: str = "L") -> None:

@@ -13,7 +13,7 @@ from conftest import run_cli
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.transfer import load_source
+from pipeline.training.transfer import load_source
 
 
 def crafted_model(path: Path, marker: Path):
@@ -57,15 +57,15 @@ def test_served_model_refuses_a_lambda_file(tmp_path, monkeypatch):
     and its code never runs."""
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.tracking import logged_models, runs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     marker = tmp_path / "code-ran"
     evil = crafted_model(tmp_path / "evil.keras", marker)
     card = {"classes": [str(i) for i in range(10)], "image_shape": [16, 16, 1]}
-    with tracking.training_run("exp", run_name="evil", params={}, tags={}):
-        uri = tracking.log_model(evil, card=card)
+    with runs.training_run("exp", run_name="evil", params={}, tags={}):
+        uri = logged_models.log_model(evil, card=card)
     marker.unlink(missing_ok=True)  # logging saves the model, which may trace the Lambda
 
     with pytest.raises(Exception, match=r"model.keras: refused: it holds Python code"):

@@ -65,8 +65,8 @@ def test_fetch_writes_scene_splits_with_masks_classes_and_void(tmp_path):
     from PIL import Image
 
     from pipeline.config import FetchConfig
-    from pipeline.data import fetch
     from pipeline.data.scenes import SPLIT_SIZES, split_glyph_pools
+    from pipeline.stages import fetch
 
     info = fetch.run(FetchConfig(source="digit_scenes"), tmp_path / "raw")
     assert info["task"] == "segmentation" and info["ignore_index"] == VOID

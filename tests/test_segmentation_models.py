@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.losses import SegmentationLoss
-from pipeline.models.registry import build_model
+from pipeline.models.architectures import build_model
 from pipeline.models.segmentation import build_segmentation_model
+from pipeline.training.losses import SegmentationLoss
 
 NUM_CLASSES = 4
 VOID = 255
@@ -82,16 +82,16 @@ def test_model_trains_a_step_saves_reloads_and_logs(arch, encoder, upsampling, s
     import mlflow
     import pandas as pd
 
-    from pipeline import tracking
+    from pipeline.tracking import logged_models, runs
 
-    with tracking.training_run("segmentation", run_name=arch, params={}, tags={}):
+    with runs.training_run("segmentation", run_name=arch, params={}, tags={}):
         card = {
             "classes": [f"c{i}" for i in range(NUM_CLASSES)],
             "image_shape": list(SHAPE),
             "task": "segmentation",
         }
-        uri = tracking.log_model(model, card=card)
-    logged = tracking.load_keras_model(uri)
+        uri = logged_models.log_model(model, card=card)
+    logged = logged_models.load_keras_model(uri)
     np.testing.assert_allclose(logged.predict_on_batch(images), probs, rtol=1e-4, atol=1e-5)
     # the pyfunc: an image of another size in, a mask of that size out
     served = mlflow.pyfunc.load_model(uri).predict(

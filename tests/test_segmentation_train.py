@@ -8,12 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.augment import MaskAugmenter
 from pipeline.config import AugmentConfig, FetchConfig, ModelConfig, PrepareConfig, TrainConfig
-from pipeline.data import fetch, prepare
-from pipeline.data.prepare import VOID, read_card
+from pipeline.data.data_card import read_card
+from pipeline.data.decode import VOID
 from pipeline.errors import ConfigError
-from pipeline.train import fit_model
+from pipeline.stages import fetch, prepare
+from pipeline.training.augment import MaskAugmenter
+from pipeline.training.fit import fit_model
 
 UNET = ModelConfig(arch="unet", width_multiplier=0.25, dropout=0.0)
 SHORT = TrainConfig(epochs=3, batch_size=32, warmup_epochs=1, learning_rate=0.01, loss="ce_dice")
@@ -65,7 +66,7 @@ def test_joint_augmentation_keeps_image_and_mask_aligned(scenes_prepared):
 
 def test_classification_only_knobs_are_refused_for_segmentation(scenes_prepared, tmp_path):
     from pipeline.config import MlflowConfig
-    from pipeline.train import run
+    from pipeline.stages.train import run
 
     bad = [
         (UNET, replace(SHORT, label_smoothing=0.1), AugmentConfig(), "label_smoothing"),
@@ -93,8 +94,8 @@ def test_classification_only_knobs_are_refused_for_segmentation(scenes_prepared,
 def test_frozen_finetune_trains_the_decoder_on_a_classifiers_encoder(scenes_prepared, tmp_path):
     """init_from a ResNet-18 classifier: its weights seed the U-Net's encoder, which
     `finetune: frozen` keeps as they were while the decoder learns."""
-    from pipeline import transfer
-    from pipeline.models.registry import build_model
+    from pipeline.models.architectures import build_model
+    from pipeline.training import transfer
 
     classifier = build_model("resnet18", (32, 32, 1), 5, width_multiplier=0.25, small_input=False)
     classifier.save(tmp_path / "classifier.keras")

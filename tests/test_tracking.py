@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from conftest import pipeline_env
 
-from pipeline import tracking
 from pipeline.errors import PipelineError, PromotionRefused
-from pipeline.models.registry import build_model
+from pipeline.models.architectures import build_model
+from pipeline.tracking import logged_models, model_registry, runs
+from pipeline.tracking import store as tracking_store
 
 
 @pytest.fixture
@@ -26,18 +27,18 @@ def store(tmp_path, monkeypatch):
 
 
 def test_project_root_is_the_repo_for_dvc_temp_workspaces(tmp_path):
-    assert tracking.project_root(tmp_path) == tmp_path
+    assert tracking_store.project_root(tmp_path) == tmp_path
     temp_workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     temp_workspace.mkdir(parents=True)
-    assert tracking.project_root(temp_workspace) == tmp_path
+    assert tracking_store.project_root(temp_workspace) == tmp_path
 
 
 def test_default_store_is_sqlite_with_artifacts_in_mlartifacts(store):
-    assert tracking.tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
-    tracking.ensure_experiment("exp")
+    assert tracking_store.tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
+    tracking_store.ensure_experiment("exp")
     from mlflow import MlflowClient
 
-    experiment = MlflowClient(tracking.tracking_uri()).get_experiment_by_name("exp")
+    experiment = MlflowClient(tracking_store.tracking_uri()).get_experiment_by_name("exp")
     assert experiment.artifact_location == (store / "mlartifacts").as_uri()
 
 
@@ -47,10 +48,10 @@ CARD = {"classes": ["cat", "dog", "eel"], "image_shape": [8, 8, 1], "task": "cla
 def register_version(name: str, top1: float) -> str:
     """A real tiny model, logged in a run with `test_top1`, registered as a new version."""
     model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
-    with tracking.training_run("exp", run_name="t", params={"p": 1}, tags={}) as run_id:
-        model_uri = tracking.log_model(model, card=CARD)
-        tracking.log_metrics({"test_top1": top1})
-    return tracking.register(
+    with runs.training_run("exp", run_name="t", params={"p": 1}, tags={}) as run_id:
+        model_uri = logged_models.log_model(model, card=CARD)
+        runs.log_metrics({"test_top1": top1})
+    return model_registry.register(
         {"run_id": run_id, "model_uri": model_uri}, name, metrics={"test_top1": top1}
     )
 
@@ -58,19 +59,21 @@ def register_version(name: str, top1: float) -> str:
 def test_register_and_promote_gate(store):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking_store.tracking_uri())
     assert register_version("m", 0.90) == "1"
     assert client.get_model_version_by_alias("m", "challenger").version == 1
 
-    assert tracking.promote(
+    assert model_registry.promote(
         "m", version=None, metric="test_top1", higher_is_better=True, force=False
     ) == ("1", None, 0.90)
     assert register_version("m", 0.80) == "2"
     with pytest.raises(PromotionRefused, match="0.8000 is worse than champion v1's 0.9000"):
-        tracking.promote("m", version=None, metric="test_top1", higher_is_better=True, force=False)
+        model_registry.promote(
+            "m", version=None, metric="test_top1", higher_is_better=True, force=False
+        )
     assert client.get_model_version_by_alias("m", "champion").version == 1
     # Lower is better (a loss): the same figures now favour v2.
-    assert tracking.promote(
+    assert model_registry.promote(
         "m", version="2", metric="test_top1", higher_is_better=False, force=False
     ) == ("2", 0.90, 0.80)
     assert client.get_model_version_by_alias("m", "champion").version == 2
@@ -83,9 +86,10 @@ def test_register_and_promote_gate(store):
 PROMOTE = """
 import sys, time
 from pathlib import Path
-from pipeline import tracking
+from pipeline.tracking import logged_models, model_registry, runs
+from pipeline.tracking import store as tracking_store
 from pipeline.errors import PromotionRefused
-make_client = tracking._client
+make_client = tracking_store.mlflow_client
 def slow_client():  # widen the gap between reading the champion and moving the alias
     client = make_client()
     move = client.set_registered_model_alias
@@ -94,12 +98,12 @@ def slow_client():  # widen the gap between reading the champion and moving the 
         move(*args)
     client.set_registered_model_alias = slow_move
     return client
-tracking._client = slow_client
+tracking_store.mlflow_client = slow_client
 go = Path("go")
 while not go.exists():
     time.sleep(0.005)
 try:
-    tracking.promote("m", version=sys.argv[1], metric="test_top1", higher_is_better=True,
+    model_registry.promote("m", version=sys.argv[1], metric="test_top1", higher_is_better=True,
                      force=False)
 except PromotionRefused:
     sys.exit(1)
@@ -113,7 +117,7 @@ def test_concurrent_promotions_leave_the_better_champion(store):
 
     register_version("m", 0.90)
     register_version("m", 0.80)
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking_store.tracking_uri())
     for _ in range(2):
         (store / "go").unlink(missing_ok=True)
         procs = [
@@ -132,14 +136,16 @@ def test_concurrent_promotions_leave_the_better_champion(store):
 
 
 def test_promote_errors_name_the_problem(store):
-    tracking.ensure_experiment("exp")
+    tracking_store.ensure_experiment("exp")
     with pytest.raises(PipelineError, match="'nope' has no alias 'challenger'"):
-        tracking.promote(
+        model_registry.promote(
             "nope", version=None, metric="test_top1", higher_is_better=True, force=False
         )
     register_version("m", 0.5)
     with pytest.raises(PipelineError, match="has no metric 'val_top1'"):
-        tracking.promote("m", version=None, metric="val_top1", higher_is_better=True, force=False)
+        model_registry.promote(
+            "m", version=None, metric="val_top1", higher_is_better=True, force=False
+        )
 
 
 def test_logged_model_takes_encoded_images_and_arrays_at_any_size(store, tmp_path):
@@ -148,11 +154,11 @@ def test_logged_model_takes_encoded_images_and_arrays_at_any_size(store, tmp_pat
     import pandas as pd
     from PIL import Image
 
-    from pipeline.data.prepare import load_image
+    from pipeline.data.decode import load_image
 
     model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
-    with tracking.training_run("exp", run_name="t", params={}, tags={}):
-        uri = tracking.log_model(model, card=CARD)
+    with runs.training_run("exp", run_name="t", params={}, tags={}):
+        uri = logged_models.log_model(model, card=CARD)
     rng = np.random.default_rng(0)
     pixels = [
         rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((20, 30, 3), (8, 8), (5, 9, 4))
@@ -205,13 +211,13 @@ def test_credentials_in_urls_are_never_logged(store):
         "https://bob:hunter2@data.example/cifar.tar.gz"
         "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef&X-Amz-Security-Token=tok"
     )
-    with tracking.training_run(
+    with runs.training_run(
         "exp", run_name="t", params={"data.url": url}, tags={"source_url": url}
     ) as run_id:
-        tracking.log_params({"fetch.url": url})
-        tracking.set_tags({"later_url": url})
-        tracking.log_dict({"source": {"url": url, "mirrors": [url]}}, "data_card.json")
-    run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+        runs.log_params({"fetch.url": url})
+        runs.set_tags({"later_url": url})
+        runs.log_dict({"source": {"url": url, "mirrors": [url]}}, "data_card.json")
+    run = MlflowClient(tracking_store.tracking_uri()).get_run(run_id)
     logged = {**run.data.params, **run.data.tags}
     for secret in ("hunter2", "AKIAEXAMPLE", "deadbeef", "=tok"):
         assert not any(secret in value for value in logged.values()), secret
@@ -228,7 +234,7 @@ def test_credentials_in_urls_are_never_logged(store):
 def test_run_file_keeps_the_tracking_uri_without_its_password(tmp_path, monkeypatch):
     """data/model/mlflow_run.json (a DVC output) says which store holds the run, masked."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:s3cret@mlflow.example.com")
-    tracking.write_run_file("abc123", "models:/m-1", tmp_path)
+    runs.write_run_file("abc123", "models:/m-1", tmp_path)
     assert json.loads((tmp_path / "mlflow_run.json").read_text()) == {
         "run_id": "abc123",
         "model_uri": "models:/m-1",

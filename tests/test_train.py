@@ -13,10 +13,10 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from pipeline.backend import resolve_precision
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
-from pipeline.data.prepare import read_card
-from pipeline.train import fit_model
+from pipeline.data.data_card import read_card
+from pipeline.training.fit import fit_model
+from pipeline.training.precision import resolve_precision
 
 SMALL_MODEL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
 SHORT = TrainConfig(epochs=3, batch_size=128, warmup_epochs=1, learning_rate=0.01)
@@ -85,7 +85,7 @@ def test_saved_model_has_no_training_config_and_loads_without_this_package(
     import sys
     import zipfile
 
-    from pipeline.train import inference_copy
+    from pipeline.models.saved import inference_copy
 
     cfg = replace(SHORT, epochs=1, schedule="onecycle")
     model = fit_model(
@@ -272,7 +272,7 @@ def test_interrupted_run_that_cannot_resume_is_closed_as_failed(digits_prepared,
     reason, not left RUNNING forever."""
     from mlflow import MlflowClient
 
-    from pipeline.train import RUN_ID_FILE
+    from pipeline.training.checkpoints import RUN_ID_FILE
 
     workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

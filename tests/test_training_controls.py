@@ -8,14 +8,15 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import transfer
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
-from pipeline.data.prepare import read_card
+from pipeline.data.data_card import read_card
 from pipeline.errors import ConfigError
+from pipeline.models.architectures import build_model
+from pipeline.models.from_config import check_model
 from pipeline.models.layers import StochasticDepth
-from pipeline.models.registry import build_model
-from pipeline.regularize import add_kernel_regularization, kernels
-from pipeline.train import compile_for_phase, fit_model
+from pipeline.training import transfer
+from pipeline.training.fit import compile_for_phase, fit_model
+from pipeline.training.regularize import add_kernel_regularization, kernels
 
 SMALL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
 SHORT = TrainConfig(
@@ -95,7 +96,7 @@ def test_drop_path_adds_stochastic_depth_rising_to_the_rate(arch):
 
 def test_drop_path_is_refused_for_families_without_residual_blocks():
     with pytest.raises(ConfigError, match="model.drop_path applies to"):
-        ModelConfig(arch="vgg11", drop_path=0.1)
+        check_model(ModelConfig(arch="vgg11", drop_path=0.1))
 
 
 # --------------------------------------------------------------------------- training stage

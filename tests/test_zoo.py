@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import tracking
-from pipeline.models.registry import build_model, get_spec, list_models
+from pipeline.models.architectures import build_model, get_spec, list_models
+from pipeline.tracking import logged_models, runs
 
 NUM_CLASSES = 5
 ON_JAX = keras.backend.backend() == "jax"
@@ -98,9 +98,9 @@ def test_model_trains_saves_reloads_and_logs(name, store, tmp_path):
     reloaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(predict(reloaded), probs, rtol=1e-4, atol=1e-5)
 
-    with tracking.training_run("zoo", run_name=name, params={"model.arch": name}, tags={}):
+    with runs.training_run("zoo", run_name=name, params={"model.arch": name}, tags={}):
         card = {"classes": [f"c{i}" for i in range(NUM_CLASSES)], "image_shape": list(shape)}
-        uri = tracking.log_model(model, card=card)
-    logged = tracking.load_keras_model(uri)
+        uri = logged_models.log_model(model, card=card)
+    logged = logged_models.load_keras_model(uri)
     np.testing.assert_allclose(predict(logged), probs, rtol=1e-4, atol=1e-5)
     keras.backend.clear_session()

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.models.applications import ADAPTERS
+from pipeline.models.architectures import build_model, get_spec
 from pipeline.models.blocks import BN_MOMENTUM, LayerChoices
-from pipeline.models.registry import build_model, get_spec
 
 # Published trainable parameters at the ImageNet configuration (1000 classes).
 # Ours (exact, keras 3.15) in the comments; tested within 1%.

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.models.architectures import build_model, get_spec
 from pipeline.models.blocks import LayerChoices
 from pipeline.models.googlenet import INCEPTION_STAGES
-from pipeline.models.registry import build_model, get_spec
 
 CLASSIC = ("lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "googlenet")
 NO_NORM = LayerChoices(norm="none")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.models.registry import build_model, get_spec
+from pipeline.models.architectures import build_model, get_spec
 from pipeline.models.shufflenet import channel_shuffle, channel_split
 
 FAMILY_MODELS = {

@@ -15,8 +15,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.data.layout import images_file, labels_file
 from pipeline.errors import DataError
+from pipeline.layout import images_file, labels_file
 
 
 def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +40,7 @@ class ArrayBatches(keras.utils.PyDataset):
 
     Labels are int32 class ids, or float32 one-hot rows when `num_classes` is
     given (what label smoothing, MixUp and CutMix need). `augment`, a
-    `pipeline.augment.BatchAugmenter`, is applied to each batch;
+    `pipeline.training.augment.BatchAugmenter`, is applied to each batch;
     `workers` > 1 cuts and augments batches in that many threads.
     """
 

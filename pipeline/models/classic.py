@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 
 from pipeline.errors import ConfigError
+from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
@@ -60,7 +61,6 @@ from pipeline.models.blocks import (
     probabilities,
     scaled_width,
 )
-from pipeline.models.registry import register_model
 
 # Channels per stage ("M": downsampling), the paper's configurations A and B.
 VGG_CONFIGS = {

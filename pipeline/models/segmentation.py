@@ -13,14 +13,14 @@ probabilities (N, H, W, classes), like the classifiers.
 
 from __future__ import annotations
 
+from pipeline.config import SEGMENTATION_ARCHS
 from pipeline.errors import ConfigError
 from pipeline.models.blocks import BN_MOMENTUM, conv_bn_act, image_input, scaled_width
 
-SEGMENTATION_ARCHS = ("unet", "deeplabv3plus")
 UPSAMPLING = ("transpose", "bilinear")
 PLAIN = "plain"  # model.encoder of the paper's U-Net
 # Name prefixes of every layer that is not encoder: the "head" that `train.finetune:
-# frozen` trains alone (pipeline.transfer); encoder layers keep the classifier's names.
+# frozen` trains alone (pipeline.training.transfer); encoder layers keep the classifier's names.
 DECODER_PREFIXES = ("dec", "aspp_", "seg_head")
 # U-Net decoder channels from the deepest level up (segmentation_models' defaults).
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -65,7 +65,7 @@ def check_segmentation_buildable(arch: str, encoder: str, input_shape) -> None:
 
 def encoder_features(encoder: str, input_shape: tuple[int, int, int], width_multiplier: float):
     """The zoo model `encoder`'s input and {output stride: feature map} for strides 2..32."""
-    from pipeline.models.registry import build_model
+    from pipeline.models.architectures import build_model
 
     classifier = build_model(
         encoder, input_shape, 2, width_multiplier=width_multiplier, small_input=False

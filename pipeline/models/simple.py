@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     classifier_head,
@@ -11,7 +12,6 @@ from pipeline.models.blocks import (
     resolve_head,
     scaled_width,
 )
-from pipeline.models.registry import register_model
 
 STAGE_FILTERS = (32, 64, 128)
 

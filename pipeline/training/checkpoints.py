@@ -12,11 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import keras
 
-from pipeline.data.atomic import atomic_dir, atomic_file
+from pipeline.atomic import atomic_dir, atomic_file, write_text
+from pipeline.config import AugmentConfig, ModelConfig, TrainConfig, flatten
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -55,3 +58,50 @@ class HistoryLog(keras.callbacks.Callback):
             writer = csv.DictWriter(f, list(self.rows[0]), restval=math.nan, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+RUN_ID_FILE = "mlflow_run_id"  # in the checkpoint dir: the run a resumed training continues
+
+
+def backed_up_epoch(backup_dir: Path) -> int:
+    """The epoch a `keras.callbacks.BackupAndRestore` in `backup_dir` will resume at (0: none)."""
+    metadata = backup_dir / "training_metadata.json"
+    if not metadata.exists():
+        return 0
+    return int(json.loads(metadata.read_text()).get("epoch", 0))
+
+
+def reset_stale_checkpoint(
+    checkpoint_dir: Path,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    card: dict,
+    augment_cfg: AugmentConfig,
+) -> str | None:
+    """Keep `checkpoint_dir` only if it was made by this exact config and data.
+
+    Resuming is for a run that was interrupted, not for one whose params or data
+    changed since: that one starts over. Returns the MLflow run id of the
+    interrupted training whose checkpoint was dropped, if any (it will never resume).
+    """
+    fingerprint = json.dumps(
+        {
+            "model": flatten(model_cfg, "model"),
+            "train": flatten(cfg, "train"),
+            "augment": flatten(augment_cfg, "augment"),
+            "data": card["data_hash"],
+        },
+        sort_keys=True,
+    )
+    stamp = checkpoint_dir / "fingerprint.json"
+    abandoned = None
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        run_file = checkpoint_dir / RUN_ID_FILE
+        abandoned = run_file.read_text().strip() if run_file.exists() else None
+        print(
+            f"train: {checkpoint_dir} is from other params or data; starting over", file=sys.stderr
+        )
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_text(stamp, fingerprint)
+    return abandoned

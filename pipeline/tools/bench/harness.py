@@ -1,7 +1,7 @@
 """`python -m pipeline bench`: what an architecture costs to train and run, per precision,
 XLA setting and backend, with PyTorch/timm measured beside it.
 
-Every combination runs in a process of its own (`python -m pipeline.bench_worker`):
+Every combination runs in a process of its own (`python -m pipeline.tools.bench.worker`):
 the Keras backend is fixed per process, peak host memory is the worker's own,
 global state (dtype policy, compiled functions) cannot leak from one case into
 the next, and a crash or out-of-memory is recorded as that case's failure
@@ -118,7 +118,7 @@ def cases(
 
 def check_options(archs: list[str], backends, precisions, peer: bool, data: str) -> list[str]:
     """Validate names; expand `all`. Returns the architecture list."""
-    from pipeline.models.registry import list_models
+    from pipeline.models.architectures import list_models
 
     known = list_models()
     if archs == ["all"]:
@@ -173,13 +173,13 @@ def _runner(framework: str, backend: str) -> str:
 
 
 def _worker(args: list[str], runner: str, timeout_s: float) -> tuple[dict | None, str]:
-    """`python -m pipeline.bench_worker ARGS` on `runner`: (its JSON figures, "") or (None,
+    """`python -m pipeline.tools.bench.worker ARGS` on `runner`: (its JSON figures, "") or (None,
     why it failed)."""
     env = dict(os.environ)
     if runner != "torch":
         env["KERAS_BACKEND"] = runner
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    command = [sys.executable, "-m", "pipeline.bench_worker", *args]
+    command = [sys.executable, "-m", "pipeline.tools.bench.worker", *args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.atomic import atomic_file
-from pipeline.data.layout import IMAGE_SUFFIXES, MODEL_DIR, PREPARED_DIR
+from pipeline.atomic import atomic_file
 from pipeline.errors import DataError
+from pipeline.layout import IMAGE_SUFFIXES, MODEL_DIR, PREPARED_DIR
+from pipeline.serving.outputs import mask_at_size, ranked
 
 BATCH = 32
-TOP = 5
 
 
 def run(
@@ -45,7 +45,7 @@ def run(
     from PIL import Image
     from tqdm import tqdm
 
-    from pipeline.data.prepare import load_image
+    from pipeline.data.decode import load_image
 
     if not images_dir.is_dir():
         raise DataError(f"predict: {images_dir} is not a folder of images")
@@ -92,41 +92,19 @@ def run(
 
 def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):
     if model_uri:
-        from pipeline import tracking
+        from pipeline.tracking import logged_models
 
-        return tracking.load_logged_model(model_uri, key="predict --model")
-    from pipeline.data.prepare import read_card
-    from pipeline.evaluate import load_trained_model
+        return logged_models.load_logged_model(model_uri, key="predict --model")
+    from pipeline.data.data_card import read_card
+    from pipeline.models.saved import load_trained_model
 
     return load_trained_model(model_dir), read_card(prepared_dir)
-
-
-def ranked(prob: np.ndarray, classes: list[str]) -> dict:
-    """A classifier's answer for one image: best class, top-5 and every class's probability
-    (also what the served model returns)."""
-    top = np.argsort(-prob, kind="stable")[:TOP]
-    return {
-        "class": classes[int(top[0])],
-        "probability": float(prob[top[0]]),
-        "top5": [classes[int(i)] for i in top],
-        "top5_probabilities": [float(prob[i]) for i in top],
-        "probabilities": {name: float(p) for name, p in zip(classes, prob, strict=True)},
-    }
-
-
-def mask_at_size(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Per-pixel classes (uint8) of a segmentation output, nearest-neighbour resized to
-    `size` = (width, height), the image's own."""
-    from PIL import Image
-
-    small = Image.fromarray(prob.argmax(axis=-1).astype(np.uint8))
-    return np.asarray(small.resize(size, Image.Resampling.NEAREST))
 
 
 def _write_masks(mask: np.ndarray, classes: list[str], stem: Path) -> None:
     from PIL import Image
 
-    from pipeline.plots import colour_mask
+    from pipeline.scoring.plots import colour_mask
 
     for suffix, pixels in (("_classes", mask), ("", colour_mask(mask, len(classes)))):
         with atomic_file(stem.parent / f"{stem.name}{suffix}.png") as tmp:
@@ -134,7 +112,7 @@ def _write_masks(mask: np.ndarray, classes: list[str], stem: Path) -> None:
 
 
 def _write_legend(classes: list[str], path: Path) -> None:
-    from pipeline.plots import class_colours
+    from pipeline.scoring.plots import class_colours
 
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)

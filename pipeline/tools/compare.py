@@ -113,7 +113,7 @@ def markdown(experiment: str, rows: list[dict]) -> str:
 
 
 def charts(rows: list[dict], out_dir: Path) -> list[Path]:
-    from pipeline.plots import new_figure, save_figure
+    from pipeline.scoring.plots import new_figure, save_figure
 
     written = []
     for key, label, name, log_x in (
@@ -164,9 +164,9 @@ def charts(rows: list[dict], out_dir: Path) -> list[Path]:
 
 def run(experiment: str, out_dir: Path | None = None, *, log: bool = True) -> Path:
     """Write the report of `experiment` to `out_dir` (reports/<experiment>); log it to MLflow."""
-    from pipeline import tracking
+    from pipeline.tracking import reports
 
-    runs = tracking.experiment_runs(experiment)
+    runs = reports.experiment_runs(experiment)
     if not runs:
         raise PipelineError(f"--experiment {experiment!r} has no finished runs to compare")
     out_dir = out_dir or REPORTS_DIR / experiment
@@ -175,5 +175,5 @@ def run(experiment: str, out_dir: Path | None = None, *, log: bool = True) -> Pa
     charts(rows, out_dir)
     (out_dir / "report.md").write_text(markdown(experiment, rows))
     if log:
-        tracking.log_report(experiment, out_dir)
+        reports.log_report(experiment, out_dir)
     return out_dir

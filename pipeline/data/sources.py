@@ -1,17 +1,13 @@
-"""The fetch stage: raw images at data/raw, replaced atomically.
+"""Where raw images come from: scikit-learn's digits, the seeded digit scenes, or an
+image-folder archive whose layout is read and normalised here.
 
-Output for classification: `out_dir/[<split>/]<class>/<image files>`; for
-segmentation: `out_dir/[<split>/]{images,masks}/<id>.*` and `classes.txt`.
-Plus `out_dir/source.json` (where the data came from, its checksum, counts,
-and `task`). Everything is built in a
-hidden sibling directory and renamed into place only when complete, so a failed
-fetch leaves the previous `out_dir` exactly as it was.
+Output for classification: `work/[<split>/]<class>/<image files>`; for
+segmentation: `work/[<split>/]{images,masks}/<id>.*` and `classes.txt`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -22,39 +18,22 @@ from PIL import Image
 
 from pipeline.config import FetchConfig
 from pipeline.data.archive import archive_kind, archive_name, download, safe_extract
-from pipeline.data.atomic import atomic_dir
-from pipeline.data.layout import IGNORED_DIRS, IMAGE_SUFFIXES, RAW_DIR
 from pipeline.errors import DataError
+from pipeline.layout import IGNORED_DIRS, IMAGE_SUFFIXES
 from pipeline.redact import mask_uri
 
 # Folder names that mean "split layout", and the name each one is written as.
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
 # Root-level files worth keeping beside the class folders.
 CLASSES_FILE = "classes.txt"
+
+
 KEEP_FILES = (CLASSES_FILE,)
 
 
-def run(cfg: FetchConfig, out_dir: Path = RAW_DIR) -> dict:
-    """Produce `out_dir` from `cfg` and return the dict also written to source.json."""
-    out_dir = Path(out_dir)
-    try:
-        with atomic_dir(out_dir) as work:
-            if cfg.source == "digits":
-                info = _fetch_digits(work)
-            elif cfg.source == "digit_scenes":
-                info = _fetch_digit_scenes(work)
-            else:
-                info = _fetch_archive(cfg, work)
-            (work / "source.json").write_text(json.dumps(info, indent=2) + "\n")
-    except OSError as exc:
-        raise DataError(f"fetch: writing {out_dir} failed ({exc.strerror or exc})") from exc
-    return info
-
-
-# --------------------------------------------------------------------------- digits
-
-
-def _fetch_digits(work: Path) -> dict:
+def fetch_digits(work: Path) -> dict:
     """scikit-learn's bundled 8x8 digits (offline) as grayscale PNGs, one folder per digit."""
     from sklearn.datasets import load_digits  # slow import; only this source needs it
 
@@ -70,7 +49,7 @@ def _fetch_digits(work: Path) -> dict:
     return _source_info("digits", "sklearn.datasets.load_digits", digest, len(labels), classes, [])
 
 
-def _fetch_digit_scenes(work: Path) -> dict:
+def fetch_digit_scenes(work: Path) -> dict:
     """The offline segmentation default: seeded digit scenes (pipeline.data.scenes)."""
     from pipeline.data.scenes import CLASSES, SPLIT_SIZES, VOID, digit_scenes, split_glyph_pools
 
@@ -121,9 +100,6 @@ def _source_info(
     return info
 
 
-# --------------------------------------------------------------------------- archive
-
-
 @dataclass
 class Layout:
     """What was found at the dataset root inside an archive."""
@@ -137,7 +113,7 @@ class Layout:
     task: str = "classification"
 
 
-def _fetch_archive(cfg: FetchConfig, work: Path) -> dict:
+def fetch_archive(cfg: FetchConfig, work: Path) -> dict:
     """Download, extract, find the image-folder root and move its content into `work`."""
     archive_kind(cfg.url)  # an unsupported type fails before a long download
     archive = work / f".download-{archive_name(cfg.url)}"

@@ -37,7 +37,7 @@ import keras
 from keras import layers
 
 from pipeline.errors import ConfigError
-from pipeline.models import registry
+from pipeline.models import architectures
 
 CARD_KEYS = (
     "params",
@@ -355,7 +355,7 @@ def registry_cards(
     `image_size=None` builds each at its ImageNet size. An architecture that
     needs larger images gets an "error" entry with null figures instead.
     """
-    known = registry.list_models()
+    known = architectures.list_models()
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise ConfigError(f"unknown architecture {unknown[0]!r}; known: {', '.join(known)}")
@@ -368,13 +368,13 @@ def registry_cards(
 def _registry_card(
     name: str, image_size: int | None, num_classes: int, channels: int, small_input: bool
 ) -> dict:
-    spec = registry.get_spec(name)
+    spec = architectures.get_spec(name)
     side = image_size or spec.imagenet_size
     shape = (side, side, channels)
     if side < spec.min_size:
         reason = f"needs images of at least {spec.min_size}x{spec.min_size}, got {side}x{side}"
         return {"name": name, **dict.fromkeys(CARD_KEYS), "input": list(shape), "error": reason}
-    model = registry.build_model(name, shape, num_classes, small_input=small_input)
+    model = architectures.build_model(name, shape, num_classes, small_input=small_input)
     try:
         return {"name": name, **model_card(model), "input": list(shape)}
     finally:

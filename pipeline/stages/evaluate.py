@@ -5,57 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-
+from pipeline.atomic import write_json, write_text
 from pipeline.config import EvaluateConfig, flatten
-from pipeline.data.atomic import write_json, write_text
-from pipeline.data.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
-from pipeline.errors import DataError
+from pipeline.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 
 IMAGES_DIR = "images"
 TABLES_DIR = "tables"  # one DVC output whatever the task: confusion.csv or per_class_iou.csv
-
-
-def load_trained_model(model_dir: Path = MODEL_DIR):
-    """The trained Keras model, loaded in safe mode (no code from the file runs)."""
-    from pipeline.train import MODEL_FILE
-
-    path = model_dir / MODEL_FILE
-    if not path.exists():
-        raise DataError(f"{path} not found; run `python -m pipeline train` first")
-    return load_keras_file(path)
-
-
-def load_keras_file(path: Path):
-    """A `.keras` file of this project, in safe mode, with the zoo's custom layers known.
-
-    Safe mode refuses a file that carries Python code (a Lambda layer's bytecode) before
-    any of it runs; that is a one-line DataError naming the file.
-    """
-    import keras
-
-    import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
-
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except ValueError as exc:
-        if "safe_mode" not in str(exc):
-            raise
-        raise DataError(
-            f"{path}: refused: it holds Python code (a Lambda layer), which Keras safe mode "
-            "does not load; use a model this project built"
-        ) from None
-
-
-def predict_split(model, prepared_dir: Path, split: str, batch_size: int):
-    """(probabilities, labels) of one prepared split."""
-    from pipeline.data.loader import ArrayBatches, load_split
-
-    images, labels = load_split(prepared_dir, split)
-    if not len(labels):
-        raise DataError(f"{prepared_dir}: the {split} split is empty")
-    probs = model.predict(ArrayBatches(images, labels, batch_size), verbose=0)
-    return np.asarray(probs, dtype=np.float64), np.asarray(labels)
 
 
 def run(
@@ -67,9 +22,11 @@ def run(
     plots_dir: Path = PLOTS_DIR,
 ) -> dict:
     """Write metrics/eval.json, per-class figures and plots; log them to the training run."""
-    from pipeline import plots
-    from pipeline.data.prepare import read_card
-    from pipeline.metrics import classification_report
+    from pipeline.data.data_card import read_card
+    from pipeline.models.saved import load_trained_model
+    from pipeline.scoring import plots
+    from pipeline.scoring.metrics import classification_report
+    from pipeline.scoring.predictions import predict_split
 
     card = read_card(prepared_dir)
     if card.get("task") == "segmentation":
@@ -103,8 +60,9 @@ def record(
 ) -> dict:
     """Write eval.json and per_class.json (label order), add the training curves, and log
     it all to the training run; return `report`."""
-    from pipeline import plots, tracking
-    from pipeline.train import HISTORY_FILE, read_history
+    from pipeline.scoring import plots
+    from pipeline.tracking import runs
+    from pipeline.training.history import HISTORY_FILE, read_history
 
     write_json(metrics_dir / "eval.json", report)
     write_json(metrics_dir / "per_class.json", per_class, sort_keys=False)
@@ -112,43 +70,19 @@ def record(
     if history_csv.exists():
         curves = plots_dir / IMAGES_DIR / "training_curves.png"
         files = [*files, plots.training_curves_png(read_history(history_csv), curves), history_csv]
-    run_file = tracking.read_run_file(model_dir)
+    run_file = runs.read_run_file(model_dir)
     kept = f"{metrics_dir / 'eval.json'} is written; rerun evaluate when it answers"
-    with tracking.reopened_run(run_file["run_id"], then=kept):
+    with runs.reopened_run(run_file["run_id"], then=kept):
         # Tags, not params: params are immutable and a cached training run may be re-evaluated.
-        tracking.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
-        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
-        tracking.log_metrics(extra_metrics or {})
-        tracking.log_artifacts(files, "plots")
-        tracking.log_artifacts(
-            [metrics_dir / "eval.json", metrics_dir / "per_class.json"], "metrics"
-        )
+        runs.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
+        runs.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
+        runs.log_metrics(extra_metrics or {})
+        runs.log_artifacts(files, "plots")
+        runs.log_artifacts([metrics_dir / "eval.json", metrics_dir / "per_class.json"], "metrics")
     return report
 
 
-EXAMPLES = 6  # test images drawn with ground truth and prediction
 METRIC_UNSAFE = re.compile(r"[^\w.-]")  # characters MLflow metric names may not hold
-
-
-def segment_split(model, prepared_dir: Path, split: str, batch_size: int, card: dict):
-    """The split's pixel confusion matrix (void excluded), streamed batch by batch, and the
-    first EXAMPLES (images, masks, predictions)."""
-    from pipeline.data.loader import load_split
-    from pipeline.metrics import PixelConfusion
-
-    images, masks = load_split(prepared_dir, split)
-    if not len(masks):
-        raise DataError(f"{prepared_dir}: the {split} split is empty")
-    confusion = PixelConfusion(card["num_classes"], ignore_index=card["ignore_index"])
-    examples = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
-        preds = np.asarray(model.predict_on_batch(batch)).argmax(axis=-1)
-        confusion.update(masks[start : start + batch_size], preds)
-        if len(examples) < EXAMPLES:
-            examples.append(preds[: EXAMPLES - len(examples)])
-    shown = np.concatenate(examples)
-    return confusion.matrix, (images[: len(shown)], masks[: len(shown)], shown)
 
 
 def run_segmentation(
@@ -162,8 +96,10 @@ def run_segmentation(
     """mIoU, Dice, pixel and mean class accuracy over the test split (and the same over the
     val split as `eval_val_*`: benchmarks such as CamVid report val); per-class IoU table,
     examples of predictions next to ground truth; logged to the training run."""
-    from pipeline import plots
-    from pipeline.metrics import segmentation_report
+    from pipeline.models.saved import load_trained_model
+    from pipeline.scoring import plots
+    from pipeline.scoring.metrics import segmentation_report
+    from pipeline.scoring.predictions import segment_split
 
     classes = card["classes"]
     model = load_trained_model(model_dir)

@@ -39,14 +39,14 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import json
 
-        from pipeline.evaluate import load_keras_file
+        from pipeline.models.saved import load_keras_file
 
         self.keras_model = load_keras_file(Path(context.artifacts[KERAS_ARTIFACT]))
         self.card = json.loads(Path(context.artifacts[CARD_ARTIFACT]).read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        from pipeline.data.prepare import to_model_input
-        from pipeline.predict import ranked
+        from pipeline.data.decode import to_model_input
+        from pipeline.serving.outputs import ranked
 
         images = input_images(model_input)
         height, width, channels = self.card["image_shape"]
@@ -143,7 +143,7 @@ def _from_array(pixels, row: int):
 
 
 def segmentation_row(prob: np.ndarray, image, classes: list[str]) -> dict[str, Any]:
-    from pipeline.predict import mask_at_size
+    from pipeline.serving.outputs import mask_at_size
 
     mask = mask_at_size(prob, image.size)
     return {

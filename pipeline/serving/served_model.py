@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from pipeline.serving import ImageModel
+from pipeline.serving.image_model import ImageModel
 
 set_model(ImageModel())

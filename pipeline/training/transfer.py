@@ -42,11 +42,11 @@ def check_init_from(init_from: str) -> None:
 def load_source(init_from: str):
     """The Keras model `train.init_from` names: an MLflow model URI or a .keras file."""
     if is_mlflow_uri(init_from):
-        from pipeline import tracking
+        from pipeline.tracking import logged_models
 
-        return tracking.load_keras_model(init_from)
+        return logged_models.load_keras_model(init_from)
     from pipeline.errors import DataError
-    from pipeline.evaluate import load_keras_file
+    from pipeline.models.saved import load_keras_file
 
     check_init_from(init_from)
     path = Path(init_from)

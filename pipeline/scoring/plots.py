@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.atomic import atomic_file
+from pipeline.atomic import atomic_file
 
 # Above this many classes, cell counts would be unreadable: colour only.
 MAX_ANNOTATED_CLASSES = 30

@@ -70,15 +70,15 @@ def scrub(text: str, uri: str) -> str:
 
 def default_backend_store_uri() -> str:
     """MLFLOW_BACKEND_STORE_URI, else the project's SQLite `mlflow.db`."""
-    from pipeline import tracking
+    from pipeline.tracking import store
 
-    return os.environ.get(BACKEND_ENV) or tracking.default_tracking_uri()
+    return os.environ.get(BACKEND_ENV) or store.default_tracking_uri()
 
 
 def default_artifacts_destination() -> Path:
-    from pipeline import tracking
+    from pipeline.tracking import store
 
-    return tracking.project_root() / tracking.DEFAULT_ARTIFACTS
+    return store.project_root() / store.DEFAULT_ARTIFACTS
 
 
 def resolve(

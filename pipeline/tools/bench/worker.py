@@ -1,6 +1,6 @@
-"""One benchmark case, in a process of its own: `python -m pipeline.bench_worker CASE_JSON`.
+"""One benchmark case, in a process of its own: `python -m pipeline.tools.bench.worker CASE_JSON`.
 
-Prints one JSON object of figures on its last stdout line (see `pipeline.bench`).
+Prints one JSON object of figures on its last stdout line (see `pipeline.tools.bench.harness`).
 Keras cases run on the backend KERAS_BACKEND names; timm cases on PyTorch.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.bench import Case
     from pipeline.errors import PipelineError
+    from pipeline.tools.bench.harness import Case
 
     if argv[0] == "--peak":  # --peak FRAMEWORK SIDE (0: 8192 on a GPU, 2048 on a CPU)
         side = int(argv[2]) or (8192 if has_gpu(argv[1]) else 2048)
@@ -42,8 +42,8 @@ def data(case) -> tuple[np.ndarray, np.ndarray, int]:
     if case.data == "prepared":
         from pathlib import Path
 
+        from pipeline.data.data_card import read_card
         from pipeline.data.loader import load_split
-        from pipeline.data.prepare import read_card
 
         images, labels = load_split(Path(case.prepared_dir), "train")
         num_classes = read_card(Path(case.prepared_dir))["num_classes"]
@@ -86,10 +86,10 @@ def input_pipeline(case, images, labels, num_classes) -> float:
 def keras_case(case, images, labels, num_classes) -> dict:
     import keras
 
-    from pipeline.backend import set_precision
     from pipeline.data.loader import ArrayBatches
-    from pipeline.models.card import model_card
-    from pipeline.models.registry import build_model
+    from pipeline.models.architectures import build_model
+    from pipeline.models.model_card import model_card
+    from pipeline.training.precision import set_precision
 
     set_precision(case.precision)
     shape = tuple(images.shape[1:])
@@ -171,7 +171,7 @@ def timm_case(case, images, labels, num_classes) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.bench import TIMM_NAMES
+    from pipeline.tools.bench.harness import TIMM_NAMES
 
     torch.manual_seed(0)
     model = timm_model(TIMM_NAMES[case.arch], num_classes, case.small_input, case.image_size)
@@ -307,7 +307,7 @@ def has_gpu(framework: str) -> bool:
         import torch
 
         return torch.cuda.is_available()
-    from pipeline.backend import gpu_compute_capability
+    from pipeline.training.precision import gpu_compute_capability
 
     return gpu_compute_capability() is not None
 

@@ -1,0 +1,61 @@
+"""The trained model as a file: `data/model/model.keras`, saved for inference and loaded
+in Keras's safe mode with the zoo's custom layers known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import DataError
+from pipeline.layout import MODEL_DIR
+
+MODEL_FILE = "model.keras"
+
+
+def inference_copy(model):
+    """`model` without its optimizer and compile config: what is saved and served.
+
+    Smaller (no optimizer slots) and loadable anywhere: the training loss, optimizer
+    and schedule may be classes of this package (SegmentationLoss, differential
+    learning rates, one-cycle). Rebuilt from its config, not `clone_model`, which
+    compiles the clone like the original.
+    """
+    import keras
+
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def model_summary(model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
+    return "\n".join(lines)
+
+
+def load_trained_model(model_dir: Path = MODEL_DIR):
+    """The trained Keras model, loaded in safe mode (no code from the file runs)."""
+    path = model_dir / MODEL_FILE
+    if not path.exists():
+        raise DataError(f"{path} not found; run `python -m pipeline train` first")
+    return load_keras_file(path)
+
+
+def load_keras_file(path: Path):
+    """A `.keras` file of this project, in safe mode, with the zoo's custom layers known.
+
+    Safe mode refuses a file that carries Python code (a Lambda layer's bytecode) before
+    any of it runs; that is a one-line DataError naming the file.
+    """
+    import keras
+
+    import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise DataError(
+            f"{path}: refused: it holds Python code (a Lambda layer), which Keras safe mode "
+            "does not load; use a model this project built"
+        ) from None

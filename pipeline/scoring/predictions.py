@@ -1,0 +1,45 @@
+"""A model's outputs over a prepared split: class probabilities, or a streamed pixel
+confusion matrix with a few examples for the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+
+def predict_split(model, prepared_dir: Path, split: str, batch_size: int):
+    """(probabilities, labels) of one prepared split."""
+    from pipeline.data.loader import ArrayBatches, load_split
+
+    images, labels = load_split(prepared_dir, split)
+    if not len(labels):
+        raise DataError(f"{prepared_dir}: the {split} split is empty")
+    probs = model.predict(ArrayBatches(images, labels, batch_size), verbose=0)
+    return np.asarray(probs, dtype=np.float64), np.asarray(labels)
+
+
+EXAMPLES = 6  # test images drawn with ground truth and prediction
+
+
+def segment_split(model, prepared_dir: Path, split: str, batch_size: int, card: dict):
+    """The split's pixel confusion matrix (void excluded), streamed batch by batch, and the
+    first EXAMPLES (images, masks, predictions)."""
+    from pipeline.data.loader import load_split
+    from pipeline.scoring.metrics import PixelConfusion
+
+    images, masks = load_split(prepared_dir, split)
+    if not len(masks):
+        raise DataError(f"{prepared_dir}: the {split} split is empty")
+    confusion = PixelConfusion(card["num_classes"], ignore_index=card["ignore_index"])
+    examples = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+        preds = np.asarray(model.predict_on_batch(batch)).argmax(axis=-1)
+        confusion.update(masks[start : start + batch_size], preds)
+        if len(examples) < EXAMPLES:
+            examples.append(preds[: EXAMPLES - len(examples)])
+    shown = np.concatenate(examples)
+    return confusion.matrix, (images[: len(shown)], masks[: len(shown)], shown)

@@ -1,0 +1,103 @@
+"""Runs read back and written for reports: an experiment's finished runs for `compare`,
+the comparison report and benchmark sweeps as runs of their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking.store import (
+    connect,
+    ensure_experiment,
+    mlflow_client,
+    source_tags,
+    tracking_uri,
+)
+
+
+def log_bench(records: list[dict], files: list[Path], command: str) -> str:
+    """A benchmark sweep as a run of experiment `bench`: per-case metrics and the files."""
+    import re
+
+    mlflow = connect()
+    with mlflow.start_run(experiment_id=ensure_experiment("bench"), run_name="bench") as run:
+        mlflow.set_tags({"command": command, **source_tags()})
+        first = records[0] if records else {}
+        mlflow.log_params(
+            {k: first[k] for k in ("image_size", "batch_size", "steps", "warmup", "data")
+             if k in first} | {"machine": first.get("machine", "")}
+        )  # fmt: skip
+        for r in records:
+            if r["status"] != "ok":
+                continue
+            prefix = re.sub(r"[^\w.-]", "_", f"{r['arch']}.{r['framework']}.{r['backend']}.")
+            prefix += f"{r['precision']}.{'xla' if r['xla'] else 'noxla'}"
+            mlflow.log_metrics(
+                {
+                    f"{prefix}.train_images_per_s": r["train_images_per_s"],
+                    f"{prefix}.infer_images_per_s": r["infer_images_per_s"],
+                    f"{prefix}.peak_host_mb": r["peak_host_mb"],
+                }
+            )
+        for path in files:
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
+
+
+REPORT_TAG = "pipeline.report"
+
+
+def experiment_runs(experiment: str) -> list[dict[str, Any]]:
+    """Finished training runs of `experiment`, oldest first, with per-epoch val accuracy.
+
+    Each: run_id, name, params, metrics, tags, and `curves` {metric: [values by epoch]}.
+    Report runs (made by `compare`) are left out. A missing experiment is a ConfigError.
+    """
+    from pipeline.errors import ConfigError
+
+    client = mlflow_client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError(
+            f"--experiment {experiment!r}: no such MLflow experiment at {tracking_uri()}"
+        )
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    result = []
+    for run in runs:
+        if run.data.tags.get(REPORT_TAG):
+            continue
+        curves = {
+            key: [
+                m.value
+                for m in sorted(
+                    client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
+                )
+            ]
+            for key in ("train_accuracy", "val_accuracy", "train_loss", "val_loss")
+            if key in run.data.metrics
+        }
+        result.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "params": dict(run.data.params),
+                "metrics": dict(run.data.metrics),
+                "tags": dict(run.data.tags),
+                "curves": curves,
+            }
+        )
+    return result
+
+
+def log_report(experiment: str, report_dir: Path) -> str:
+    """Log a comparison report folder as a run of its own in `experiment`; return its id."""
+    mlflow = connect()
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="compare") as run:
+        mlflow.set_tags({REPORT_TAG: "true", **source_tags()})
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        return run.info.run_id

@@ -1,0 +1,154 @@
+"""The MLflow run that spans train and evaluate, and what is logged to it.
+
+Stages are separate processes, so the run is shared through a file: train
+starts the run and writes its id to `data/model/mlflow_run.json` (a DVC output
+next to the model); evaluate reopens the run by that id to add test metrics and
+plots; register registers the model logged in that run. A DVC cache hit of
+train therefore keeps pointing at the run that produced the cached model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.layout import MODEL_DIR
+from pipeline.redact import mask_uri, masked
+from pipeline.tracking.store import (
+    connect,
+    ensure_experiment,
+    mlflow_client,
+    reaching_the_store,
+    source_tags,
+    tracking_uri,
+    without_secrets,
+)
+
+RUN_FILE = MODEL_DIR / "mlflow_run.json"
+
+
+@contextlib.contextmanager
+def training_run(
+    experiment: str,
+    *,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    resume_file: Path | None = None,
+) -> Iterator[str]:
+    """Start a run, log params and tags; yield the run id.
+
+    With `resume_file` (kept next to the training checkpoint), a process that
+    resumes an interrupted training continues the interrupted run instead of
+    opening a second one, so the run holds every epoch. An exception inside
+    marks the run FAILED (mlflow's context manager does that).
+    """
+    with reaching_the_store("no training started"):
+        mlflow = connect()
+        experiment_id = ensure_experiment(experiment)
+    previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
+    start = {"run_id": previous} if previous else {"run_name": run_name}
+    with mlflow.start_run(experiment_id=experiment_id, **start) as run:
+        if resume_file:
+            resume_file.parent.mkdir(parents=True, exist_ok=True)
+            resume_file.write_text(run.info.run_id)
+        resumed = {"resumed": "true"} if previous else {}
+        mlflow.set_tags(without_secrets({**source_tags(), **tags, **resumed}))
+        mlflow.log_params(without_secrets(params))  # identical values may be logged again
+        yield run.info.run_id
+
+
+def _unfinished_run(resume_file: Path, experiment_id: str) -> str | None:
+    """The id in `resume_file` if that run is in this store and experiment and did not finish."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = resume_file.read_text().strip()
+        run = mlflow_client().get_run(run_id)
+    except (OSError, MlflowException):
+        return None
+    if run.info.experiment_id != experiment_id or run.info.status == "FINISHED":
+        return None
+    return run_id
+
+
+def fail_abandoned_run(run_id: str, reason: str) -> None:
+    """Mark an interrupted run that will never be resumed FAILED, with the reason."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client()
+    with contextlib.suppress(MlflowException):  # not in this store: nothing to close
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", reason)
+            client.set_terminated(run_id, "FAILED")
+
+
+def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:
+    from pipeline.atomic import write_json
+
+    write_json(
+        out_dir / RUN_FILE.name,
+        {"run_id": run_id, "model_uri": model_uri, "tracking_uri": mask_uri(tracking_uri())},
+    )
+
+
+def read_run_file(model_dir: Path = MODEL_DIR) -> dict[str, str]:
+    path = model_dir / RUN_FILE.name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found; run `python -m pipeline train` first") from None
+
+
+def epoch_logger():
+    """A Keras callback that logs every epoch's metrics to the active run, step = epoch."""
+    import keras
+
+    mlflow = connect()
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+    return EpochLogger()
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    mlflow = connect()
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_text(text: str, name: str) -> None:
+    connect().log_text(text, name)
+
+
+def log_dict(data: dict, name: str) -> None:
+    connect().log_dict(masked(data), name)
+
+
+@contextlib.contextmanager
+def reopened_run(run_id: str, *, then: str) -> Iterator[None]:
+    """Resume the run started by train, for evaluate's metrics and plots; a store that
+    went away since training is one line ending with `then`."""
+    with reaching_the_store(then), connect().start_run(run_id=run_id):
+        yield
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    connect().log_metrics(metrics)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    connect().log_params(without_secrets(params))
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    connect().set_tags(without_secrets(tags))
+
+
+DATA_CARD_ARTIFACT = "data_card.json"

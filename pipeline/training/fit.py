@@ -1,0 +1,241 @@
+"""The fit loop: build the model for the prepared data, compile per phase, fit, resume.
+
+`fit_model` is the plain training function (no MLflow, no files beyond its
+checkpoints), used by the train stage, the tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.atomic import atomic_file
+from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
+from pipeline.errors import PipelineError, TrainingDiverged
+from pipeline.layout import CHECKPOINT_DIR
+from pipeline.training.history import HISTORY_FILE, read_history
+
+NO_AUGMENT = AugmentConfig()
+
+
+@dataclass
+class TrainResult:
+    model: object
+    history: dict[str, list[float]]
+    policy: str
+    seconds: float
+    images_per_second: float
+    # transfer learning: layers initialized from train.init_from
+    transferred_layers: int = 0
+    stopped_early: bool = False  # by early stopping, or by the time budget
+    out_of_time: bool = False  # stopped by train.max_minutes
+
+
+def check_batch_size(cfg: TrainConfig, train_images: int) -> None:
+    if cfg.batch_size > train_images:
+        raise PipelineError(
+            f"train.batch_size ({cfg.batch_size}) is larger than the training split "
+            f"({train_images} images); lower it in params.yaml"
+        )
+
+
+def fit_model(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    prepared_dir: Path,
+    card: dict,
+    *,
+    augment_cfg: AugmentConfig = NO_AUGMENT,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    loggers=(),
+    extra_callbacks=(),
+) -> TrainResult:
+    """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`.
+
+    Training runs in phases (one unless `cfg.finetune` is progressive), each a
+    `fit` over its epochs with its own trainable layers; a phase that finished
+    leaves its weights in `checkpoint_dir`, the running one a per-epoch backup.
+    `loggers` record each epoch before it is backed up; `extra_callbacks` run
+    after the backup.
+    """
+    import keras
+
+    from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
+    from pipeline.models.from_config import build
+    from pipeline.training import transfer
+    from pipeline.training.augment import BatchAugmenter, MaskAugmenter, check_augment, is_identity
+    from pipeline.training.callbacks import (
+        divergence_guard,
+        epoch_seeds_callback,
+        standard_logs_callback,
+        time_budget,
+    )
+    from pipeline.training.checkpoints import (
+        AtomicBackupAndRestore,
+        HistoryLog,
+        backed_up_epoch,
+        reset_stale_checkpoint,
+    )
+    from pipeline.training.precision import set_precision
+    from pipeline.training.regularize import add_kernel_regularization
+
+    image_shape = tuple(card["image_shape"])
+    segmentation = card.get("task") == "segmentation"
+    if not segmentation:
+        check_augment(augment_cfg, image_shape)
+    source = transfer.load_source(cfg.init_from) if cfg.init_from else None
+    keras.utils.set_random_seed(cfg.seed)
+    policy = set_precision(cfg.precision)
+    train_x, train_y = load_split(prepared_dir, "train")
+    val_x, val_y = load_split(prepared_dir, "val")
+    check_batch_size(cfg, len(train_y))
+    num_classes = card["num_classes"]
+    if is_identity(augment_cfg):
+        augment = None
+    elif segmentation:
+        augment = MaskAugmenter(augment_cfg, card["ignore_index"], cfg.seed)
+    else:
+        augment = BatchAugmenter(augment_cfg, image_shape, cfg.seed)
+    # Classification labels become one-hot rows (label smoothing, MixUp); masks stay ids.
+    loader = {"num_classes": None if segmentation else num_classes, "workers": cfg.loader_workers}
+    train_batches = ArrayBatches(
+        train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **loader
+    )
+    val_batches = ArrayBatches(val_x, val_y, cfg.batch_size, **loader) if len(val_y) else None
+
+    model = build(model_cfg, image_shape, num_classes)
+    transferred = transfer.copy_matching_weights(source, model) if source is not None else None
+    add_kernel_regularization(model, l1=cfg.l1, l2=cfg.l2, max_norm=cfg.max_norm)
+
+    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
+    history_csv = checkpoint_dir / HISTORY_FILE
+    steps = len(train_batches)
+    stopped_early = out_of_time = False
+    epochs_run = 0
+    started = time.perf_counter()
+    for index, phase in enumerate(transfer.phases(cfg)):
+        done = checkpoint_dir / f"phase{index}.weights.h5"
+        if done.exists():  # finished before an interruption
+            model.load_weights(done)
+            continue
+        backup_dir = checkpoint_dir / f"backup_phase{index}"
+        # Keras peeks at batches before BackupAndRestore moves fit to the saved epoch:
+        # the loader must already be on that epoch's shuffle.
+        train_batches.set_epoch(max(phase.start, backed_up_epoch(backup_dir)))
+        transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
+        compile_for_phase(model, cfg, steps, card, phase.start, train_y if segmentation else None)
+        guard = divergence_guard()
+        budget = time_budget(cfg.max_minutes, started)
+        callbacks = [
+            guard,
+            EpochOrder(train_batches),
+            epoch_seeds_callback(cfg.seed),
+            standard_logs_callback(),
+            # Record the epoch before backing it up: a crash in between reruns the
+            # epoch (identically) rather than leaving it out of the history.
+            HistoryLog(history_csv),
+            *loggers,
+            # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
+            AtomicBackupAndRestore(str(backup_dir)),
+            *early_stopping(cfg),
+            budget,
+            *extra_callbacks,
+        ]
+        fitted = model.fit(
+            train_batches,
+            validation_data=val_batches,
+            initial_epoch=phase.start,
+            epochs=phase.end,
+            callbacks=callbacks,
+            # The loader shuffles by (seed, epoch); Keras's own shuffle of batch order
+            # draws from Python's global `random`, which a resumed process cannot replay.
+            shuffle=False,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        epochs_run += len(fitted.epoch)
+        if guard.found:
+            raise TrainingDiverged(
+                f"train: {guard.found}; lower train.learning_rate or raise train.warmup_epochs "
+                "(the run is marked FAILED, nothing is saved or registered)"
+            )
+        with atomic_file(done) as tmp:  # a torn file here would pass for a finished phase
+            model.save_weights(tmp)
+        if model.stop_training:
+            stopped_early, out_of_time = True, budget.reached
+            break
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        model=model,
+        history=read_history(history_csv),
+        policy=policy,
+        seconds=seconds,
+        # epochs run by this process: fewer than cfg.epochs when resumed
+        images_per_second=epochs_run * len(train_y) / seconds if epochs_run else 0.0,
+        transferred_layers=len(transferred.copied) if transferred else 0,
+        stopped_early=stopped_early,
+        out_of_time=out_of_time,
+    )
+
+
+def loss_and_metrics(cfg: TrainConfig, card: dict, train_masks=None) -> tuple:
+    """Classification: (label-smoothed) cross-entropy, accuracy and top-5. Segmentation:
+    `cfg.loss` without void pixels, optional class weights from the training masks, and
+    mean IoU over the epoch's accumulated confusion matrix."""
+    import keras
+
+    num_classes = card["num_classes"]
+    if card.get("task") != "segmentation":
+        return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+        ]
+    from pipeline.training.losses import SegmentationLoss, median_frequency_weights
+
+    void = card["ignore_index"]
+    weights = None
+    if cfg.class_weights == "median_frequency":
+        weights = median_frequency_weights(train_masks, num_classes, ignore_index=void)
+    loss = SegmentationLoss(
+        cfg.loss, num_classes, ignore_index=void, class_weights=weights, focal_gamma=cfg.focal_gamma
+    )
+    miou = keras.metrics.MeanIoU(
+        num_classes, name="miou", ignore_class=void, sparse_y_true=True, sparse_y_pred=False
+    )
+    return loss, [miou]
+
+
+def compile_for_phase(
+    model, cfg: TrainConfig, steps: int, card: dict, start_epoch: int, train_masks=None
+):
+    """Compile with a fresh optimizer whose schedule continues at `start_epoch`."""
+    from pipeline.training.optimizers import build_optimizer
+    from pipeline.training.transfer import backbone_variable_paths
+
+    optimizer = build_optimizer(
+        cfg,
+        steps,
+        lr_scaled=backbone_variable_paths(model) if cfg.init_from else (),
+        lr_scale=cfg.backbone_lr_scale,
+    )
+    loss, metrics = loss_and_metrics(cfg, card, train_masks)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    if start_epoch:
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(start_epoch * steps)
+
+
+def early_stopping(cfg: TrainConfig) -> list:
+    import keras
+
+    if not cfg.early_stopping_patience:
+        return []
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor=cfg.early_stopping_monitor,
+            mode="min" if cfg.early_stopping_monitor == "val_loss" else "max",
+            patience=cfg.early_stopping_patience,
+            restore_best_weights=cfg.early_stopping_restore_best,
+        )
+    ]
