@@ -146,7 +146,8 @@ class TrainConfig:
     nesterov: bool = True  # sgd
     # decoupled (applied to the weights, not the gradient); not to norm layers and biases
     weight_decay: float = _num(0.0005, ge=0)
-    # Learning rate per step (pipeline.training.optimizers): constant | step (x gamma every step_epochs) |
+    # Learning rate per step (pipeline.training.optimizers): constant |
+    # step (x gamma every step_epochs) |
     # multistep (x gamma at each milestone epoch) | cosine | warmup_cosine | onecycle
     schedule: Literal["constant", "step", "multistep", "cosine", "warmup_cosine", "onecycle"] = (
         "warmup_cosine"

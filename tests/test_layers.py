@@ -191,7 +191,8 @@ def test_model_with_custom_layers_loads_in_a_fresh_process(tmp_path):
         (tmp_path / name).mkdir()
         m.save(tmp_path / name / "model.keras")
     code = (
-        "import sys; from pathlib import Path; from pipeline.models.saved import load_trained_model;"
+        "import sys; from pathlib import Path; "
+        "from pipeline.models.saved import load_trained_model;"
         "print(*[load_trained_model(Path(p)).count_params() for p in sys.argv[1:]])"
     )
     done = subprocess.run(

@@ -139,7 +139,10 @@ def test_no_figures_leak(tmp_path: Path, report_and_cm) -> None:
 def test_importing_plots_does_not_import_matplotlib() -> None:
     import subprocess
 
-    code = "import sys, pipeline.scoring.plots, pipeline.scoring.metrics; print('matplotlib' in sys.modules)"
+    code = (
+        "import sys, pipeline.scoring.plots, pipeline.scoring.metrics; "
+        "print('matplotlib' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -145,7 +145,10 @@ def test_masking_warning_and_client_uri():
 
 
 def test_importing_the_command_stays_light():
-    code = "import sys, pipeline.tools.server; print(sorted({'mlflow', 'psycopg2'} & set(sys.modules)))"
+    code = (
+        "import sys, pipeline.tools.server; "
+        "print(sorted({'mlflow', 'psycopg2'} & set(sys.modules)))"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=pipeline_env(), cwd=ROOT
     )

@@ -44,7 +44,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     BN_MOMENTUM,
     DEFAULT_CHOICES,
@@ -53,6 +52,7 @@ from pipeline.models.blocks import (
     probabilities,
 )
 from pipeline.models.blocks import scaled_width as _scaled_width
+from pipeline.models.registration import register_model
 
 PREFIX = "backbone"
 

@@ -1,6 +1,6 @@
-"""Architecture name -> builder function and facts; the only place names are mapped.
+"""The architecture registry: name -> builder and facts; the only place names are mapped.
 
-Builders register themselves with `@register_model` (timm's pattern) and share
+Builders register themselves with `@register_model` (`models.registration`) and share
 one signature, so train, bench and the model card can build any of them:
 
     builder(input_shape, num_classes, *, dropout, width_multiplier, small_input, choices)
@@ -12,31 +12,11 @@ Builders registered with `drop_path=True` also take `drop_path` (stochastic dept
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 from pipeline.models.blocks import DEFAULT_CHOICES, LayerChoices
+from pipeline.models.registration import SPECS, ModelSpec
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the registry knows about an architecture before building it."""
-
-    name: str
-    builder: Callable
-    family: str
-    # smallest input side the architecture accepts
-    min_size: int = 8
-    # the seeds' operator choices (LayerChoices) apply: hand-written families only
-    hand_written: bool = True
-    # the input side of its published (ImageNet) configuration, for the model card
-    imagenet_size: int = 224
-    # residual blocks that take stochastic depth (the builder has a `drop_path` argument)
-    drop_path: bool = False
-
-
-_SPECS: dict[str, ModelSpec] = {}
 # Modules whose import registers builders; imported on first lookup so that
 # `import pipeline` stays free of keras/tensorflow.
 _FAMILY_MODULES = (
@@ -50,26 +30,6 @@ _FAMILY_MODULES = (
 )
 
 
-def register_model(
-    name: str,
-    *,
-    family: str,
-    min_size: int = 8,
-    hand_written: bool = True,
-    imagenet_size: int = 224,
-    drop_path: bool = False,
-) -> Callable[[Callable], Callable]:
-    """Decorator: make `fn` buildable as `name`."""
-
-    def decorate(fn: Callable) -> Callable:
-        if name in _SPECS:
-            raise ValueError(f"model {name!r} registered twice")
-        _SPECS[name] = ModelSpec(name, fn, family, min_size, hand_written, imagenet_size, drop_path)
-        return fn
-
-    return decorate
-
-
 def _load_families() -> None:
     for module in _FAMILY_MODULES:
         importlib.import_module(module)
@@ -78,14 +38,14 @@ def _load_families() -> None:
 def list_models() -> list[str]:
     """Every registered architecture name, sorted."""
     _load_families()
-    return sorted(_SPECS)
+    return sorted(SPECS)
 
 
 def get_spec(name: str) -> ModelSpec:
     _load_families()
-    if name not in _SPECS:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(_SPECS))}")
-    return _SPECS[name]
+    if name not in SPECS:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(SPECS))}")
+    return SPECS[name]
 
 
 def check_buildable(
@@ -109,7 +69,7 @@ def check_buildable(
             "operators (keras.applications or ViT): leave it at its default"
         )
     if drop_path and not spec.drop_path:
-        with_it = ", ".join(n for n in sorted(_SPECS) if _SPECS[n].drop_path)
+        with_it = ", ".join(n for n in sorted(SPECS) if SPECS[n].drop_path)
         raise ConfigError(
             f"model.drop_path applies to architectures with residual blocks ({with_it}); "
             f"{name} has none: set it to 0"

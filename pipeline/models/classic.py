@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 
 from pipeline.errors import ConfigError
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
@@ -61,6 +60,7 @@ from pipeline.models.blocks import (
     probabilities,
     scaled_width,
 )
+from pipeline.models.registration import register_model
 
 # Channels per stage ("M": downsampling), the paper's configurations A and B.
 VGG_CONFIGS = {

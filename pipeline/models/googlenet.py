@@ -20,7 +20,6 @@ reach the last modules at 8x8.
 
 from __future__ import annotations
 
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
@@ -31,6 +30,7 @@ from pipeline.models.blocks import (
     resolve_head,
     scaled_width,
 )
+from pipeline.models.registration import register_model
 
 # torchvision's kernel for the third branch; the paper's table says 5x5 (module docstring).
 THIRD_BRANCH_KERNEL = 3

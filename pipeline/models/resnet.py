@@ -27,7 +27,6 @@ padding to all.
 
 from __future__ import annotations
 
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
@@ -40,6 +39,7 @@ from pipeline.models.blocks import (
     scaled_width,
     stochastic_depth_rates,
 )
+from pipeline.models.registration import register_model
 
 # Bottleneck blocks output 4x the channels of their 3x3 conv's `planes`.
 EXPANSION = 4

@@ -25,7 +25,6 @@ padding apply everywhere, the padding mode to the depthwise convs too.
 
 from __future__ import annotations
 
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
@@ -37,6 +36,7 @@ from pipeline.models.blocks import (
     resolve_head,
     scaled_width,
 )
+from pipeline.models.registration import register_model
 
 STAGE_REPEATS = (4, 8, 4)
 # torchvision's `stages_out_channels`: stem, three stages, last 1x1 conv.

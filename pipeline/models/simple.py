@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     classifier_head,
@@ -12,6 +11,7 @@ from pipeline.models.blocks import (
     resolve_head,
     scaled_width,
 )
+from pipeline.models.registration import register_model
 
 STAGE_FILTERS = (32, 64, 128)
 

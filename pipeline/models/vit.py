@@ -23,7 +23,6 @@ TensorFlow; the custom `PositionEmbedding` layer lives in pipeline.models.layers
 from __future__ import annotations
 
 from pipeline.errors import ConfigError
-from pipeline.models.architectures import register_model
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     drop_branch,
@@ -31,6 +30,7 @@ from pipeline.models.blocks import (
     scaled_width,
     stochastic_depth_rates,
 )
+from pipeline.models.registration import register_model
 
 HEAD_DIM = 64
 MLP_RATIO = 4

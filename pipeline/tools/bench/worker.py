@@ -17,7 +17,7 @@ import numpy as np
 
 def main(argv: list[str]) -> int:
     from pipeline.errors import PipelineError
-    from pipeline.tools.bench.harness import Case
+    from pipeline.tools.bench.cases import Case
 
     if argv[0] == "--peak":  # --peak FRAMEWORK SIDE (0: 8192 on a GPU, 2048 on a CPU)
         side = int(argv[2]) or (8192 if has_gpu(argv[1]) else 2048)
@@ -171,7 +171,7 @@ def timm_case(case, images, labels, num_classes) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.tools.bench.harness import TIMM_NAMES
+    from pipeline.tools.bench.cases import TIMM_NAMES
 
     torch.manual_seed(0)
     model = timm_model(TIMM_NAMES[case.arch], num_classes, case.small_input, case.image_size)
