@@ -56,4 +56,4 @@ services:
 
 test: lint services
 	python -m pytest -n 2 --dist loadfile
-	KERAS_BACKEND=jax python -m pytest -n 2 --dist load tests/test_zoo.py tests/test_layers.py tests/test_augment.py tests/test_optim.py tests/test_losses.py tests/test_segmentation_models.py
+	KERAS_BACKEND=jax python -m pytest -n 2 --dist load tests/models/test_zoo.py tests/models/test_layers.py tests/models/test_segmentation_models.py tests/training/test_augment.py tests/training/test_optimizers.py tests/training/test_losses.py

@@ -349,8 +349,12 @@ def check_task(task: str, model: ModelConfig, train: TrainConfig) -> None:
         raise ConfigError("train.label_smoothing applies to task: classification")
 
 
-def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Every section and the task, validated together: for `pipeline check` and for tests."""
+def load_all(path: Path = DEFAULT_PARAMS, *, model_check=None) -> dict[str, Any]:
+    """Every section and the task, validated together: for `pipeline check` and for tests.
+
+    `model_check(model_config)` runs after the sections parse and before the task's
+    cross-section checks (the architecture registry's, which this module cannot import).
+    """
     params = read_params(path)
     unknown = sorted(set(params) - set(SECTIONS) - {"task"})
     if unknown:
@@ -359,6 +363,8 @@ def load_all(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     configs: dict[str, Any] = {name: load(name, path, params) for name in SECTIONS}
     configs["task"] = load_task(path, params)
     try:
+        if model_check:
+            model_check(configs["model"])
         check_task(configs["task"], configs["model"], configs["train"])
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -14,12 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import ModelConfig, TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -81,22 +85,56 @@ def project_files() -> list[str]:
     return [f for f in listed if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/"))]
 
 
-def copy_project(repo: Path, edit_params=None) -> Path:
-    """This project's shipped files in a fresh git repo at `repo`, committed.
+# The tiny configurations tests train with: seconds on the digits, on any backend.
+TINY_MODEL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
+SHORT_TRAIN = TrainConfig(epochs=3, batch_size=128, warmup_epochs=1, learning_rate=0.01)
+# The same for a stage or `dvc repro` run: params.yaml keys, as `params_with` takes them.
+QUICK_RUN = {
+    "model.width_multiplier": 0.25,
+    "train.epochs": 1,
+    "train.warmup_epochs": 0,
+    "train.batch_size": 128,
+}
 
-    `edit_params(params)` may change the params.yaml dict before the commit.
-    """
-    import shutil
+
+def params_with(values: dict[str, Any], base: dict | None = None) -> dict:
+    """A copy of `base` (default: the shipped params.yaml) with `values` set, each named
+    `section.key` (or `task`); a section that is missing is added."""
+    import copy
 
     import yaml
+
+    params = copy.deepcopy(base if base is not None else yaml.safe_load(PARAMS.read_text()))
+    for name, value in values.items():
+        section, _, key = name.partition(".")
+        if key:
+            params.setdefault(section, {})[key] = value
+        else:
+            params[section] = value
+    return params
+
+
+def edit_params(where: Path, values: dict[str, Any]) -> Path:
+    """Set `values` (as `params_with` takes them) in the params file `where`, or in a
+    project folder's params.yaml; return the file."""
+    import yaml
+
+    path = where / "params.yaml" if where.is_dir() else where
+    base = yaml.safe_load(path.read_text()) if path.exists() else None
+    path.write_text(yaml.safe_dump(params_with(values, base), sort_keys=False))
+    return path
+
+
+def copy_project(repo: Path, params: dict[str, Any] | None = None) -> Path:
+    """This project's shipped files in a fresh git repo at `repo`, committed, with
+    `params` (as `params_with` takes them) set in its params.yaml."""
+    import shutil
 
     for name in project_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
-    if edit_params:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        edit_params(params)
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if params:
+        edit_params(repo, params)
     sh(["git", "init", "-q"], repo)
     sh(["git", "config", "user.email", "test@example.com"], repo)
     sh(["git", "config", "user.name", "test"], repo)

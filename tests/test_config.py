@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import params_with, run_cli
 
 from pipeline import config
 from pipeline.errors import ConfigError
@@ -25,9 +23,7 @@ def shipped() -> dict:
 
 def with_value(section: str, key: str, value) -> dict:
     """The shipped params with one key set (or added)."""
-    params = copy.deepcopy(shipped())
-    params[section][key] = value
-    return params
+    return params_with({f"{section}.{key}": value})
 
 
 def write_params(path: Path, params) -> Path:
@@ -205,16 +201,8 @@ def test_one_stage_loads_only_its_section(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the CLI
 
 
-def run_cli(params: Path, command: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "--params", str(params), command],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def check_cli(params: Path, command: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli(["--params", str(params), command], cwd)
 
 
 CLI_CASES = {
@@ -229,7 +217,7 @@ CLI_CASES = {
 def test_cli_check_reports_one_line(tmp_path: Path, case: str) -> None:
     params, key = CLI_CASES[case]
     bad = write_params(tmp_path / "bad.yaml", params)
-    result = run_cli(bad, "check", tmp_path)
+    result = check_cli(bad, "check", tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
@@ -239,7 +227,7 @@ def test_cli_check_reports_one_line(tmp_path: Path, case: str) -> None:
 
 
 def test_cli_check_accepts_shipped_params(tmp_path: Path) -> None:
-    result = run_cli(PARAMS, "check", tmp_path)
+    result = check_cli(PARAMS, "check", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("params.yaml: valid")
     assert result.stderr == ""
@@ -247,7 +235,7 @@ def test_cli_check_accepts_shipped_params(tmp_path: Path) -> None:
 
 def test_cli_train_fails_before_writing_anything(tmp_path: Path) -> None:
     bad = write_params(tmp_path / "bad.yaml", with_value("train", "learning_rate", -1))
-    result = run_cli(bad, "train", tmp_path)
+    result = check_cli(bad, "train", tmp_path)
     assert result.returncode == 2, result.stderr
     assert "train.learning_rate" in result.stderr
     assert "Traceback" not in result.stderr
@@ -283,9 +271,7 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads() -> None:
 
 
 def test_cli_predict_without_a_folder_is_a_usage_error(tmp_path: Path) -> None:
-    from conftest import run_cli as pipeline_cli
-
-    result = pipeline_cli(["predict", "--output", "out.csv"], tmp_path)
+    result = run_cli(["predict", "--output", "out.csv"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "error: predict: give a folder of images (predict DIR or --input DIR)"

@@ -7,16 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config
-from pipeline.errors import ConfigError
 
 
 def run(path: Path = config.DEFAULT_PARAMS) -> dict[str, Any]:
     """The config objects of `path`, each section validated; ConfigError names the key."""
     from pipeline.models.from_config import check_model
 
-    configs = config.load_all(path)
-    try:
-        check_model(configs["model"])
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return configs
+    return config.load_all(path, model_check=check_model)

@@ -19,7 +19,7 @@ from pipeline.data.archive import download, safe_extract
 from pipeline.errors import DataError
 from pipeline.stages import fetch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/datasets"
+SHARED = Path(__file__).resolve().parents[3] / "shared/datasets"
 CIFAR = SHARED / "cifar10-train.tar.gz"
 
 

@@ -16,8 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import Server, copy_project, garbled_jpeg, run_cli, sh, truncated_jpeg
+from conftest import (
+    Server,
+    copy_project,
+    edit_params,
+    garbled_jpeg,
+    run_cli,
+    sh,
+    truncated_jpeg,
+)
 from test_fetch import class_files, make_tar, mask_files, png_bytes, symlink
 
 from pipeline.config import FetchConfig
@@ -32,31 +39,22 @@ def produced(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("produced")
     archive = make_tar(base / "pets.tar.gz", class_files(classes=CLASSES, per_class=8))
 
-    def small_archive(params: dict) -> None:
-        params["fetch"].update(source="archive", url=archive.as_uri())
-        params["prepare"]["image_size"] = 8
-
+    small_archive = {
+        "fetch.source": "archive",
+        "fetch.url": archive.as_uri(),
+        "prepare.image_size": 8,
+    }
     project = copy_project(base / "project", small_archive)
     sh([sys.executable, "-m", "pipeline", "fetch"], project)
     sh([sys.executable, "-m", "pipeline", "prepare"], project)
     return project
 
 
-def edit_params(project: Path, **values) -> None:
-    """Set params.yaml keys, written `section__key=value`."""
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for name, value in values.items():
-        section, key = name.split("__")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def serve_archive(project: Path, server: Server, files: dict, extra=(), **params) -> str:
+def serve_archive(project: Path, server: Server, files: dict, extra=(), params=None) -> str:
     """A tar.gz of `files` on the local HTTP server, set as fetch.url; returns the URL."""
     make_tar(server.root / "pets.tar.gz", files, extra)
     url = f"{server.url}/pets.tar.gz"
-    edit_params(project, fetch__url=url, **params)
+    edit_params(project, {"fetch.url": url, **(params or {})})
     return url
 
 
@@ -82,17 +80,17 @@ def params_not_yaml(project: Path, server: Server) -> list[str]:
 
 
 def unknown_key(project: Path, server: Server) -> list[str]:
-    edit_params(project, prepare__on_corupt="skip")
+    edit_params(project, {"prepare.on_corupt": "skip"})
     return ["params.yaml: unknown key prepare.on_corupt; allowed:", "on_corrupt"]
 
 
 def wrong_type(project: Path, server: Server) -> list[str]:
-    edit_params(project, fetch__timeout_s="soon")
+    edit_params(project, {"fetch.timeout_s": "soon"})
     return ["params.yaml: fetch.timeout_s must be a number, got 'soon'"]
 
 
 def on_corrupt_unknown(project: Path, server: Server) -> list[str]:
-    edit_params(project, prepare__on_corrupt="ignore")
+    edit_params(project, {"prepare.on_corrupt": "ignore"})
     return ["params.yaml: prepare.on_corrupt must be one of 'fail', 'skip', got 'ignore'"]
 
 
@@ -113,19 +111,19 @@ def symlink_escaping(project: Path, server: Server) -> list[str]:
 
 
 def checksum_mismatch(project: Path, server: Server) -> list[str]:
-    url = serve_archive(project, server, class_files(), fetch__sha256="0" * 64)
+    url = serve_archive(project, server, class_files(), params={"fetch.sha256": "0" * 64})
     return [f"checksum mismatch for {url}: expected {'0' * 64}, got "]
 
 
 def http_404(project: Path, server: Server) -> list[str]:
     url = f"{server.url}/missing.tar.gz"
-    edit_params(project, fetch__url=url)
+    edit_params(project, {"fetch.url": url})
     return [f"fetch: {url} answered HTTP 404"]
 
 
 def never_answers(project: Path, server: Server) -> list[str]:
     url = f"{server.url}/slow/pets.tar.gz"  # the server holds the request, sending nothing
-    edit_params(project, fetch__url=url, fetch__timeout_s=1)
+    edit_params(project, {"fetch.url": url, "fetch.timeout_s": 1})
     return [f"fetch: {url} did not answer within 1s (fetch.timeout_s)"]
 
 
@@ -222,7 +220,7 @@ def test_corrupt_jpegs_are_skipped_counted_and_named_when_asked(
     shutil.copytree(produced, project, symlinks=True)
     (project / "data/raw/dog/photo.jpg").write_bytes(truncated_jpeg())
     (project / "data/raw/owl/photo.jpg").write_bytes(garbled_jpeg())
-    edit_params(project, prepare__on_corrupt="skip")
+    edit_params(project, {"prepare.on_corrupt": "skip"})
     card_file = project / "data/prepared/data_card.json"
     earlier = json.loads(card_file.read_text())
 

@@ -148,6 +148,6 @@ def test_importing_plots_does_not_import_matplotlib() -> None:
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.stdout.strip() == "False"

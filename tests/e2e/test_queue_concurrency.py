@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, pipeline_env, sh
+from conftest import QUICK_RUN, copy_project, pipeline_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -38,19 +38,20 @@ EPOCH_METRICS = (
 TEST_METRICS = ("test_top1", "test_top5", "test_loss", "test_macro_f1")
 
 
-def tiny(params: dict) -> None:
-    """A few seconds of training per experiment, in an experiment of its own."""
-    params["model"]["width_multiplier"] = 0.25
-    params["train"].update(epochs=EPOCHS, warmup_epochs=0, batch_size=128)
-    params["mlflow"]["experiment"] = EXPERIMENT
-    params["register"]["model_name"] = MODEL_NAME
+# A few seconds of training per experiment, in an experiment of its own.
+TINY = {
+    **QUICK_RUN,
+    "train.epochs": EPOCHS,
+    "mlflow.experiment": EXPERIMENT,
+    "register.model_name": MODEL_NAME,
+}
 
 
 @pytest.fixture
 def project(tmp_path) -> Path:
     """The project with fetch and prepare done and committed; the queue's workers and
     tasks stopped afterwards, whatever happened."""
-    repo = copy_project(tmp_path, tiny)
+    repo = copy_project(tmp_path, TINY)
     sh(["dvc", "repro", "prepare"], repo)  # the experiments only train, evaluate, register
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "data"], repo)

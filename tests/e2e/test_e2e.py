@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import (
     copy_project,
+    edit_params,
     free_port,
     missing_service,
     pipeline_env,
@@ -178,10 +179,7 @@ def test_second_repro_is_a_no_op(project):
 
 
 def test_changing_epochs_reruns_train_and_later_stages_only(project):
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["train"]["epochs"] = 3
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(project, {"train.epochs": 3})
     out = sh(["dvc", "repro"], project).stdout
     for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
@@ -506,11 +504,15 @@ def test_killed_repro_resumes_and_ends_with_the_uninterrupted_metrics(project):
     import signal
     import time
 
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["model"].update(arch="simple_cnn", width_multiplier=0.5)
-    params["train"].update(epochs=5, warmup_epochs=1)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(
+        project,
+        {
+            "model.arch": "simple_cnn",
+            "model.width_multiplier": 0.5,
+            "train.epochs": 5,
+            "train.warmup_epochs": 1,
+        },
+    )
     sh(["dvc", "repro"], project)
     reference = read_metrics(project)
     reference_history = (project / "plots" / "history.csv").read_text()

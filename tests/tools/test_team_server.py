@@ -280,7 +280,7 @@ def project(team_server, tmp_path_factory) -> Path:
     """A project copy that ran `dvc repro` (5 epochs) and `promote` against the team server."""
     repo = copy_project(
         tmp_path_factory.mktemp("project"),
-        lambda params: params["train"].update(epochs=5, warmup_epochs=1),
+        {"train.epochs": 5, "train.warmup_epochs": 1},
     )
     url = team_server["url"]
     sh(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=url)

@@ -10,29 +10,20 @@ from functools import partial
 import keras
 import numpy as np
 import pytest
-import yaml
-from conftest import ROOT, run_cli
+from conftest import QUICK_RUN, ROOT, SHORT_TRAIN, TINY_MODEL, edit_params, run_cli
 
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data.data_card import read_card
 from pipeline.training.fit import fit_model
 from pipeline.training.precision import resolve_precision
 
-SMALL_MODEL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
-SHORT = TrainConfig(epochs=3, batch_size=128, warmup_epochs=1, learning_rate=0.01)
+SMALL_MODEL, SHORT = TINY_MODEL, SHORT_TRAIN
 
 
-TINY = {"width_multiplier": 0.25}
-QUICK = {"epochs": 1, "warmup_epochs": 0, "batch_size": 128}
-
-
-def workspace(prepared, root, *, model=None, train=None) -> None:
+def workspace(prepared, root, params=None) -> None:
     """A project folder at `root`: the prepared digits and params.yaml with these changes."""
     shutil.copytree(prepared, root / "data" / "prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(model or {})
-    params["train"].update(train or {})
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(root / "params.yaml", params or {})
 
 
 class EpochCounter(keras.callbacks.Callback):
@@ -206,7 +197,7 @@ def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
 def test_train_and_evaluate_stages_on_jax_backend(digits_prepared, tmp_path):
     """The GPU machine has JAX and no TensorFlow: the stages must run on KERAS_BACKEND=jax."""
     pytest.importorskip("jax")
-    workspace(digits_prepared, tmp_path, model=TINY, train=dict(QUICK, epochs=2))
+    workspace(digits_prepared, tmp_path, {**QUICK_RUN, "train.epochs": 2})
 
     for stage in ("train", "evaluate"):
         done = run_cli([stage], tmp_path, KERAS_BACKEND="jax")
@@ -231,8 +222,13 @@ def test_nan_loss_stops_training_marks_the_run_failed_and_registers_nothing(
     workspace(
         digits_prepared,
         tmp_path,
-        model=dict(TINY, norm="none"),
-        train=dict(QUICK, epochs=3, optimizer="sgd", learning_rate=10.0),
+        {
+            **QUICK_RUN,
+            "model.norm": "none",
+            "train.epochs": 3,
+            "train.optimizer": "sgd",
+            "train.learning_rate": 10.0,
+        },
     )
 
     done = run_cli(["train"], tmp_path)
@@ -274,7 +270,7 @@ def test_interrupted_run_that_cannot_resume_is_closed_as_failed(digits_prepared,
 
     from pipeline.training.checkpoints import RUN_ID_FILE
 
-    workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
+    workspace(digits_prepared, tmp_path, QUICK_RUN)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     artifacts = (tmp_path / "mlartifacts").as_uri()
     experiment = client.create_experiment("digits-cnn", artifact_location=artifacts)
@@ -301,7 +297,7 @@ def test_unreachable_tracking_store_is_one_line_before_training(store, digits_pr
     one line naming the store (password masked), no training, no model written."""
     from conftest import free_port
 
-    workspace(digits_prepared, tmp_path, train=dict(epochs=1, warmup_epochs=0))
+    workspace(digits_prepared, tmp_path, {"train.epochs": 1, "train.warmup_epochs": 0})
     (tmp_path / "not-a-folder").write_text("")
     uri = store.format(port=free_port(), file=tmp_path / "not-a-folder")
     done = run_cli(
@@ -324,7 +320,7 @@ def test_locked_store_is_one_line_before_training(digits_prepared, tmp_path):
 
     from mlflow import MlflowClient
 
-    workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
+    workspace(digits_prepared, tmp_path, QUICK_RUN)
     db = tmp_path / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the store
     holder = sqlite3.connect(db, isolation_level=None)
@@ -353,7 +349,7 @@ def test_store_gone_after_training_fails_evaluate_and_register_in_one_line(
     from conftest import free_port
     from mlflow import MlflowClient
 
-    workspace(digits_prepared, tmp_path, model=TINY, train=QUICK)
+    workspace(digits_prepared, tmp_path, QUICK_RUN)
     assert run_cli(["train"], tmp_path).returncode == 0
     gone = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     gone["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -381,7 +377,7 @@ def test_image_size_below_the_architecture_minimum_is_one_line_before_any_run(
 ):
     """Digits prepared at 16x16 and model.arch vgg16 (needs 32): exit 2 naming both keys,
     before an MLflow run or a checkpoint exists."""
-    workspace(digits_prepared, tmp_path, model=dict(arch="vgg16"))
+    workspace(digits_prepared, tmp_path, {"model.arch": "vgg16"})
     done = run_cli(["train"], tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     error = done.stderr.strip().splitlines()[-1]

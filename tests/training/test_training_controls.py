@@ -7,6 +7,7 @@ from dataclasses import replace
 import keras
 import numpy as np
 import pytest
+from conftest import SHORT_TRAIN, TINY_MODEL
 
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data.data_card import read_card
@@ -18,10 +19,8 @@ from pipeline.training import transfer
 from pipeline.training.fit import compile_for_phase, fit_model
 from pipeline.training.regularize import add_kernel_regularization, kernels
 
-SMALL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
-SHORT = TrainConfig(
-    epochs=2, batch_size=128, warmup_epochs=0, schedule="constant", learning_rate=0.01
-)
+SMALL = TINY_MODEL
+SHORT = replace(SHORT_TRAIN, epochs=2, warmup_epochs=0, schedule="constant")
 
 
 def fit(prepared, tmp_path, model_cfg=SMALL, cfg=SHORT, **kwargs):
