@@ -24,6 +24,9 @@ import yaml
 from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# fetch.url of the built-in sources: the code that makes their images. dvc.yaml's fetch
+# stage depends on `${fetch.url}`, so DVC reruns fetch when an archive changes in place.
+BUILTIN_URL = "pipeline/data/sources.py"
 # The top-level `task` param: what train and evaluate do with the prepared data.
 TASKS = ("classification", "segmentation")
 # `model.arch` of task: segmentation (pipeline.models.segmentation builds them)
@@ -50,17 +53,40 @@ class FetchConfig:
     """Where raw images come from."""
 
     source: Literal["digits", "digit_scenes", "archive"] = "digits"
-    # archive: a local path, file:// URL or http(s):// URL of a .tar.gz/.tgz/.tar/.zip
-    url: str = ""
-    # optional hex sha256 the archive must match
+    # archive: a local path or an http(s):// URL of a .tar.gz/.tgz/.tar/.zip; the built-in
+    # sources: BUILTIN_URL. What dvc.yaml's fetch stage watches.
+    url: str = BUILTIN_URL
+    # Archives only: a hex sha256 the archive must match, the download timeout, and for
+    # segmentation archives the mask value of void (unlabelled) pixels, e.g. 11 for CamVid
     sha256: str = ""
     timeout_s: float = _num(60.0, gt=0)
-    # segmentation archives: the mask value of void (unlabelled) pixels, e.g. 11 for CamVid
     ignore_index: int = _num(255, ge=0, le=255)
 
     def __post_init__(self) -> None:
-        if self.source == "archive" and not self.url:
-            raise ConfigError("fetch.url is required when fetch.source is 'archive'")
+        if self.source == "archive":
+            if self.url in ("", BUILTIN_URL):
+                raise ConfigError(
+                    "fetch.url is required when fetch.source is 'archive' "
+                    "(a path or http(s) URL of a .tar.gz or .zip)"
+                )
+            if self.url.lower().startswith("file:"):
+                raise ConfigError(
+                    f"fetch.url {self.url!r}: give the archive's path, not a file: URL "
+                    "(dvc.yaml depends on fetch.url; DVC reads paths and http(s) URLs)"
+                )
+        else:
+            if self.url != BUILTIN_URL:
+                raise ConfigError(
+                    f"fetch.url applies to fetch.source: archive; for {self.source} leave it "
+                    f"at {BUILTIN_URL} (the code dvc.yaml watches for built-in sources)"
+                )
+            defaults = FetchConfig.__dataclass_fields__
+            for key in ("sha256", "timeout_s", "ignore_index"):
+                if getattr(self, key) != defaults[key].default:
+                    raise ConfigError(
+                        f"fetch.{key} applies to fetch.source: archive; {self.source} is "
+                        "built in: leave it at its default"
+                    )
         digest = self.sha256.lower()
         if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
             raise ConfigError(f"fetch.sha256 must be 64 hex digits, got {self.sha256!r}")

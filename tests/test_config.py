@@ -117,7 +117,18 @@ BAD_CASES = [
         {**shipped(), "fetch": {**shipped()["fetch"], "source": "archive", "url": ""}},
         ["fetch.url", "archive"],
     ),
-    ("sha256-not-hex", with_value("fetch", "sha256", "xyz" * 20), ["fetch.sha256", "64 hex"]),
+    (
+        "sha256-not-hex",
+        params_with({"fetch.source": "archive", "fetch.url": "a.tgz", "fetch.sha256": "xyz" * 20}),
+        ["fetch.sha256", "64 hex"],
+    ),
+    (
+        "file-url",
+        params_with({"fetch.source": "archive", "fetch.url": "file:///srv/a.tgz"}),
+        ["fetch.url", "path", "file:"],
+    ),
+    ("url-for-digits", with_value("fetch", "url", "a.tgz"), ["fetch.url", "archive", "digits"]),
+    ("sha256-for-digits", with_value("fetch", "sha256", "0" * 64), ["fetch.sha256", "archive"]),
     ("task-unknown", {**shipped(), "task": "detection"}, ["task", "segmentation", "'detection'"]),
     ("unet-for-classification", with_value("model", "arch", "unet"), ["model.arch", "'unet'"]),
     (
