@@ -339,3 +339,10 @@ def segmentation_examples_png(
 def per_class_iou_png(per_class: Mapping[str, Mapping[str, float | None]], path) -> Path:
     """Bars of IoU and Dice per class (a class with no pixels and no predictions: none)."""
     return _per_class_bars(per_class, ("iou", "dice"), "Per-class IoU and Dice (test)", path)
+
+
+def runs_per_class_iou_png(
+    iou: Mapping[str, Mapping[str, float | None]], runs: Sequence[str], path
+) -> Path:
+    """`compare`'s grouped bars: {class: {run: test IoU}}, one bar per run in each class."""
+    return _per_class_bars(iou, runs, "Per-class test IoU by run", path)

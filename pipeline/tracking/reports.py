@@ -45,12 +45,14 @@ def log_bench(records: list[dict], files: list[Path], command: str) -> str:
 
 
 REPORT_TAG = "pipeline.report"
+CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_miou", "val_miou")
 
 
 def experiment_runs(experiment: str) -> list[dict[str, Any]]:
-    """Finished training runs of `experiment`, oldest first, with per-epoch val accuracy.
+    """Finished training runs of `experiment`, oldest first, with their per-epoch curves.
 
-    Each: run_id, name, params, metrics, tags, and `curves` {metric: [values by epoch]}.
+    Each: run_id, name, params, metrics, tags, and `curves` {metric: [values by epoch]}
+    for the CURVES the run logged (accuracy for classifiers, mIoU for segmenters).
     Report runs (made by `compare`) are left out. A missing experiment is a ConfigError.
     """
     from pipeline.errors import ConfigError
@@ -77,7 +79,7 @@ def experiment_runs(experiment: str) -> list[dict[str, Any]]:
                     client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
                 )
             ]
-            for key in ("train_accuracy", "val_accuracy", "train_loss", "val_loss")
+            for key in CURVES
             if key in run.data.metrics
         }
         result.append(
