@@ -12,7 +12,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test lint services
+.PHONY: run test lint services lock
 .DEFAULT_GOAL := run
 
 $(BIN)/python:
@@ -20,13 +20,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+# Installed at the exact versions of pipeline/requirements.lock (every DVC stage depends
+# on it: a version change there reruns the stages); `make lock` records the venv's.
+LOCK := pipeline/requirements.lock
+
+$(VENV)/.installed-run: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,jax]"
+$(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test,jax]"
 	touch $@ $(VENV)/.installed-run
+
+lock: $(VENV)/.installed-test
+	{ sed -n '/^#/p' $(LOCK); $(BIN)/pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 run: $(VENV)/.installed-run
 	dvc repro

@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -297,3 +299,76 @@ def garbled_jpeg(seed: int = 0) -> bytes:
 
 
 CORRUPT_JPEGS = {"truncated": truncated_jpeg, "garbage-after-header": garbled_jpeg}
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def png_bytes(value: int = 128, size: int = 4) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (size, size), value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_tar(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> Path:
+    """A tar (compression from the suffix) holding `files` plus raw `extra` members."""
+    mode = "w:gz" if path.name.endswith((".tar.gz", ".tgz")) else "w"
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info)
+    return path
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def class_files(prefix: str = "", classes=("cat", "dog"), per_class: int = 3) -> dict:
+    return {
+        f"{prefix}{c}/{i}.png": png_bytes(10 * i + k)
+        for k, c in enumerate(classes)
+        for i in range(per_class)
+    }
+
+
+def symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info
+
+
+def mask_files(prefix: str = "", splits=("train/", "val/"), per_split: int = 2) -> dict:
+    files = {f"{prefix}classes.txt": b"sky\nroad\ncar\n"}
+    for split in splits:
+        for i in range(per_split):
+            files[f"{prefix}{split}images/{i:03d}.png"] = png_bytes(i)
+            files[f"{prefix}{split}masks/{i:03d}.png"] = png_bytes(i % 3)
+    return files
+
+
+def epoch_counter(stop_after: int | None = None):
+    """A Keras callback recording the epochs `fit` starts (`.epochs`); it raises
+    KeyboardInterrupt at the end of epoch `stop_after`, as a user's Ctrl-C would."""
+    import keras
+
+    class EpochCounter(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs: list[int] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs.append(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if stop_after is not None and epoch == stop_after:
+                raise KeyboardInterrupt("simulated interruption")
+
+    return EpochCounter()

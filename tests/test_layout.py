@@ -134,12 +134,18 @@ def test_nothing_imports_a_stage_or_a_tool():
                 assert name == "pipeline.__main__" or own, f"{name} imports {dep}"
 
 
-def test_the_served_model_imports_only_what_serving_needs():
+def test_the_served_model_ships_exactly_what_it_imports():
+    """The logged model carries SERVED_FILES: the served model's whole import closure (and
+    the packages around it), nothing of the trainer."""
+    from pipeline.serving.image_model import SERVED_FILES
+
     needed = closure({"pipeline.serving.served_model"})
-    allowed = {"pipeline", "pipeline.errors", "pipeline.layout", "pipeline.data.decode"}
-    allowed |= {"pipeline.models.saved", "pipeline.models.layers"}
-    extra = {m for m in needed if not m.startswith("pipeline.serving.")} - allowed
-    assert not extra, f"the served model would load {sorted(extra)}"
+    for name in list(needed):
+        parts = name.split(".")
+        needed |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    files = {modules()[m].relative_to(PACKAGE).as_posix() for m in needed}
+    assert files == set(SERVED_FILES)
+    assert not {m for m in needed if m.startswith(("pipeline.training", "pipeline.tracking"))}
 
 
 def test_only_tracking_and_serving_import_mlflow():

@@ -13,8 +13,9 @@ pixel at the image's own size (nearest-neighbour resize back), and
 `classes_present`, the names of the classes in it.
 
 The model folder holds the Keras file, the data card (classes, input size,
-task) and a copy of this package (`code/pipeline`), so the served model needs
-keras, its backend, numpy, pandas and pillow, not this project installed.
+task) and a copy of the package modules it runs (`code/pipeline`, SERVED_FILES),
+so the served model needs keras, its backend, numpy, pandas and pillow, not this
+project installed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+# The package files the served model runs, copied into the logged model (its whole
+# import closure: tests/test_layout.py checks it), so serving needs no trainer code.
+SERVED_FILES = (
+    "__init__.py",
+    "errors.py",
+    "layout.py",
+    "data/__init__.py",
+    "data/decode.py",
+    "models/__init__.py",
+    "models/layers.py",
+    "models/saved.py",
+    "serving/__init__.py",
+    "serving/image_model.py",
+    "serving/outputs.py",
+    "serving/served_model.py",
+)
 KERAS_ARTIFACT = "keras_model"
 CARD_ARTIFACT = "data_card"
 IMAGE_COLUMN, ARRAY_COLUMN = "image", "array"

@@ -16,10 +16,12 @@ def log_model(model, *, card: dict) -> str:
     """Log the model as the pyfunc of `pipeline.serving.image_model`; return its model URI.
 
     The pyfunc decodes, resizes and labels images itself; it holds the Keras
-    file, the data card and a copy of this package. Requirements are given,
+    file, the data card and a copy of the package modules it runs
+    (`serving.image_model.SERVED_FILES`), not the trainer. Requirements are given,
     not inferred: inference reloads the model in a subprocess and costs tens
     of seconds.
     """
+    import shutil
     import tempfile
 
     import keras
@@ -33,6 +35,11 @@ def log_model(model, *, card: dict) -> str:
         keras_file, card_file = Path(tmp, "model.keras"), Path(tmp, "data_card.json")
         model.save(keras_file)
         write_json(card_file, masked(card))
+        package = Path(pipeline.__file__).parent
+        code = Path(tmp, "code", package.name)
+        for name in serving.SERVED_FILES:
+            (code / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(package / name, code / name)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(serving.__file__).with_name("served_model.py")),
@@ -40,7 +47,7 @@ def log_model(model, *, card: dict) -> str:
                 serving.KERAS_ARTIFACT: str(keras_file),
                 serving.CARD_ARTIFACT: str(card_file),
             },
-            code_paths=[str(Path(pipeline.__file__).parent)],
+            code_paths=[str(code)],
             signature=serving.signature(card),
             pip_requirements=_requirements(keras),
             metadata={"task": card.get("task", "classification"), "classes": card["classes"]},

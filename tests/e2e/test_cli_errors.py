@@ -18,14 +18,18 @@ from pathlib import Path
 import pytest
 from conftest import (
     Server,
+    class_files,
     copy_project,
     edit_params,
     garbled_jpeg,
+    make_tar,
+    mask_files,
+    png_bytes,
     run_cli,
     sh,
+    symlink,
     truncated_jpeg,
 )
-from test_fetch import class_files, make_tar, mask_files, png_bytes, symlink
 
 from pipeline.config import FetchConfig
 from pipeline.stages import fetch
@@ -41,7 +45,7 @@ def produced(tmp_path_factory) -> Path:
 
     small_archive = {
         "fetch.source": "archive",
-        "fetch.url": archive.as_uri(),
+        "fetch.url": str(archive),
         "prepare.image_size": 8,
     }
     project = copy_project(base / "project", small_archive)

@@ -20,8 +20,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, pipeline_env, run_cli
-from test_train import SHORT, SMALL_MODEL, EpochCounter
+from conftest import ROOT, SHORT_TRAIN, TINY_MODEL, epoch_counter, pipeline_env, run_cli
 
 from pipeline.__main__ import out_of_space
 from pipeline.atomic import atomic_file
@@ -164,7 +163,7 @@ def test_disk_full_mid_training_resumes_from_the_last_whole_backup(
     left whole (Keras's own callback leaves a torn weights file, and the rerun cannot load
     it). The rerun resumes at epoch 2 and ends bit-identical to an uninterrupted run."""
     card = read_card(digits_prepared)
-    fit = partial(fit_model, SMALL_MODEL, SHORT, digits_prepared, card)
+    fit = partial(fit_model, TINY_MODEL, SHORT_TRAIN, digits_prepared, card)
     uninterrupted = fit(checkpoint_dir=tmp_path / "once")
     ckpt = tmp_path / "ckpt"
     backup = ckpt / "backup_phase0"
@@ -178,7 +177,7 @@ def test_disk_full_mid_training_resumes_from_the_last_whole_backup(
     with h5py.File(backup / "latest.weights.h5") as weights:  # whole, not torn
         assert len(weights.keys())
     assert leftovers(ckpt) == [] and not (ckpt / "phase0.weights.h5").exists()
-    counter = EpochCounter()
+    counter = epoch_counter()
     resumed = fit(checkpoint_dir=ckpt, extra_callbacks=[counter])
 
     assert counter.epochs == [1, 2]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import stat
 import tarfile
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import class_files, make_tar, make_zip, mask_files, png_bytes, symlink
 from PIL import Image
 
 from pipeline.config import FetchConfig
@@ -24,40 +24,6 @@ CIFAR = SHARED / "cifar10-train.tar.gz"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def png_bytes(value: int = 128, size: int = 4) -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (size, size), value).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_tar(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> Path:
-    """A tar (compression from the suffix) holding `files` plus raw `extra` members."""
-    mode = "w:gz" if path.name.endswith((".tar.gz", ".tgz")) else "w"
-    with tarfile.open(path, mode) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for info in extra:
-            tar.addfile(info)
-    return path
-
-
-def make_zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def class_files(prefix: str = "", classes=("cat", "dog"), per_class: int = 3) -> dict:
-    return {
-        f"{prefix}{c}/{i}.png": png_bytes(10 * i + k)
-        for k, c in enumerate(classes)
-        for i in range(per_class)
-    }
 
 
 def sha256_of(path: Path) -> str:
@@ -176,9 +142,9 @@ def test_unreachable_server_is_a_data_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_file_url_and_local_path_both_work(tmp_path, monkeypatch):
+def test_absolute_and_relative_paths_both_work(tmp_path, monkeypatch):
     archive = make_zip(tmp_path / "pets.zip", class_files())
-    by_url = fetch.run(archive_cfg(archive.as_uri()), tmp_path / "a")
+    by_url = fetch.run(archive_cfg(str(archive)), tmp_path / "a")
     monkeypatch.chdir(tmp_path)
     by_path = fetch.run(archive_cfg("pets.zip"), Path("b"))
     assert by_url["num_images"] == by_path["num_images"] == 6
@@ -275,13 +241,6 @@ def test_splits_with_different_classes_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- unsafe archives
-
-
-def symlink(name: str, target: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.SYMTYPE
-    info.linkname = target
-    return info
 
 
 def test_tar_with_dotdot_member_is_refused(tmp_path):
@@ -383,25 +342,15 @@ def test_refusal_inside_fetch_names_the_url_not_the_temp_file(tmp_path):
     archive = make_tar(tmp_path / "bad.tar.gz", class_files() | {"../evil.png": png_bytes()})
     out = tmp_path / "work" / "raw"
     with pytest.raises(DataError) as err:
-        fetch.run(archive_cfg(archive.as_uri()), out)
+        fetch.run(archive_cfg(str(archive)), out)
     assert str(err.value) == (
-        f"fetch: refusing archive member '../evil.png' in {archive.as_uri()} "
-        "(path outside the destination)"
+        f"fetch: refusing archive member '../evil.png' in {archive} (path outside the destination)"
     )
     assert list((tmp_path / "work").iterdir()) == []
     assert not (tmp_path / "work" / "evil.png").exists()
 
 
 # --------------------------------------------------------------------------- segmentation
-
-
-def mask_files(prefix: str = "", splits=("train/", "val/"), per_split: int = 2) -> dict:
-    files = {f"{prefix}classes.txt": b"sky\nroad\ncar\n"}
-    for split in splits:
-        for i in range(per_split):
-            files[f"{prefix}{split}images/{i:03d}.png"] = png_bytes(i)
-            files[f"{prefix}{split}masks/{i:03d}.png"] = png_bytes(i % 3)
-    return files
 
 
 def test_images_and_masks_archive_is_a_segmentation_layout(tmp_path):
@@ -453,7 +402,7 @@ def test_real_cifar10_archive(tmp_path):
         if line.strip()
     )
     out = tmp_path / "raw"
-    info = fetch.run(archive_cfg(CIFAR.as_uri(), sums[CIFAR.name]), out)
+    info = fetch.run(archive_cfg(str(CIFAR), sums[CIFAR.name]), out)
 
     assert info["splits"] == ["train"]
     assert len(info["classes"]) == 10
@@ -470,7 +419,7 @@ def test_real_camvid_archive(tmp_path):
     camvid = SHARED / "camvid-trainval.tar.gz"
     if not camvid.is_file():
         pytest.skip(f"{camvid} not present")
-    info = fetch.run(FetchConfig(source="archive", url=camvid.as_uri(), ignore_index=11), tmp_path)
+    info = fetch.run(FetchConfig(source="archive", url=str(camvid), ignore_index=11), tmp_path)
     assert info["task"] == "segmentation" and info["ignore_index"] == 11
     assert info["splits"] == ["train", "val"] and info["num_images"] == 367 + 101
     assert info["classes"][0] == "sky" and len(info["classes"]) == 11

@@ -10,7 +10,7 @@ from functools import partial
 import keras
 import numpy as np
 import pytest
-from conftest import QUICK_RUN, ROOT, SHORT_TRAIN, TINY_MODEL, edit_params, run_cli
+from conftest import QUICK_RUN, ROOT, SHORT_TRAIN, TINY_MODEL, edit_params, epoch_counter, run_cli
 
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
 from pipeline.data.data_card import read_card
@@ -24,20 +24,6 @@ def workspace(prepared, root, params=None) -> None:
     """A project folder at `root`: the prepared digits and params.yaml with these changes."""
     shutil.copytree(prepared, root / "data" / "prepared")
     edit_params(root / "params.yaml", params or {})
-
-
-class EpochCounter(keras.callbacks.Callback):
-    def __init__(self, stop_after: int | None = None):
-        super().__init__()
-        self.epochs: list[int] = []
-        self.stop_after = stop_after
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append(epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.stop_after is not None and epoch == self.stop_after:
-            raise KeyboardInterrupt("simulated interruption")
 
 
 @pytest.fixture(autouse=True)
@@ -139,11 +125,11 @@ def test_interrupted_training_resumes_and_ends_as_if_never_stopped(digits_prepar
     uninterrupted = fit(checkpoint_dir=tmp_path / "once")
 
     ckpt = tmp_path / "ckpt"
-    first = EpochCounter(stop_after=1)
+    first = epoch_counter(stop_after=1)
     with pytest.raises(KeyboardInterrupt):
         fit(checkpoint_dir=ckpt, extra_callbacks=[first])
     assert first.epochs == [0, 1]
-    second = EpochCounter()
+    second = epoch_counter()
     resumed = fit(checkpoint_dir=ckpt, extra_callbacks=[second])
 
     assert second.epochs == [2]  # epochs 0 and 1 were restored, not rerun
@@ -157,7 +143,7 @@ def test_interrupted_training_resumes_and_ends_as_if_never_stopped(digits_prepar
 def test_time_budget_ends_training_after_the_epoch_that_leaves_no_time(digits_prepared, tmp_path):
     """train.max_minutes: the epoch in progress ends, no new one starts past the budget."""
     card = read_card(digits_prepared)
-    counter = EpochCounter()
+    counter = epoch_counter()
     result = fit_model(
         SMALL_MODEL,
         replace(SHORT, max_minutes=0.001),  # 60 ms: less than one epoch
@@ -180,9 +166,9 @@ def test_checkpoint_of_other_params_is_not_resumed(digits_prepared, tmp_path):
             digits_prepared,
             card,
             checkpoint_dir=ckpt,
-            extra_callbacks=[EpochCounter(stop_after=0)],
+            extra_callbacks=[epoch_counter(stop_after=0)],
         )
-    counter = EpochCounter()
+    counter = epoch_counter()
     fit_model(
         replace(SMALL_MODEL, dropout=0.3),
         SHORT,
