@@ -236,6 +236,12 @@ class TrainConfig:
             raise ConfigError(
                 f"train.finetune: {self.finetune} needs train.init_from (a model to start from)"
             )
+        if self.backbone_lr_scale != 1 and not self.init_from:
+            raise ConfigError(
+                f"train.backbone_lr_scale {self.backbone_lr_scale} needs train.init_from (it "
+                "scales a loaded backbone's learning rate; without one it does nothing): "
+                "leave it at 1.0"
+            )
 
 
 @dataclass(frozen=True)

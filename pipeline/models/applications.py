@@ -328,6 +328,7 @@ def _register(name: str, adapter: Adapter) -> None:
         min_size=adapter.min_size,
         hand_written=False,
         imagenet_size=adapter.imagenet_size,
+        small_input=bool(adapter.stride_one or adapter.drop_small),
     )(builder)
 
 

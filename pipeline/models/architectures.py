@@ -53,8 +53,11 @@ def check_buildable(
     input_shape: tuple[int, int, int],
     choices: LayerChoices = DEFAULT_CHOICES,
     drop_path: float = 0.0,
+    *,
+    small_input: bool = True,
 ) -> None:
-    """Raise ConfigError (one line, naming the key) if `name` cannot be built as asked."""
+    """Raise ConfigError (one line, naming the key) if `name` cannot be built as asked, or
+    if an operator choice or drop_path would not change it (refused, not ignored)."""
     spec = get_spec(name)
     side = min(input_shape[0], input_shape[1])
     if side < spec.min_size:
@@ -62,18 +65,67 @@ def check_buildable(
             f"model.arch {name} needs images of at least {spec.min_size}x{spec.min_size}, "
             f"got {input_shape[0]}x{input_shape[1]} (raise prepare.image_size)"
         )
-    if not spec.hand_written and not choices.is_default():
-        changed = [k for k, v in vars(choices).items() if getattr(DEFAULT_CHOICES, k) != v]
-        raise ConfigError(
-            f"model.{changed[0]} applies to hand-written CNN families only; {name} has fixed "
-            "operators (keras.applications or ViT): leave it at its default"
-        )
+    message = unused_choice(spec, choices, small_input)
+    if message:
+        raise ConfigError(message)
     if drop_path and not spec.drop_path:
         with_it = ", ".join(n for n in sorted(SPECS) if SPECS[n].drop_path)
         raise ConfigError(
             f"model.drop_path applies to architectures with residual blocks ({with_it}); "
             f"{name} has none: set it to 0"
         )
+
+
+def unused_choice(spec: ModelSpec, choices: LayerChoices, small_input: bool) -> str | None:
+    """Why a non-default operator choice would build the same `spec.name` (None: it applies).
+
+    Only `groups` against a layer's channel count needs the built graph: `blocks.conv`
+    refuses that one when it builds the layer.
+    """
+    name = spec.name
+    changed = [k for k, v in vars(choices).items() if getattr(DEFAULT_CHOICES, k) != v]
+    if not changed:
+        return None
+    if not spec.hand_written:
+        return (
+            f"model.{changed[0]} applies to hand-written CNN families only; {name} has fixed "
+            "operators (keras.applications or ViT): leave it at its default"
+        )
+    fixed = dict(spec.fixed_choices)
+    for key in changed:
+        if key in fixed:
+            default = getattr(DEFAULT_CHOICES, key)
+            return f"model.{key} does not apply to {name} ({fixed[key]}): leave it at {default}"
+    if "groups" in changed and choices.conv != "group":
+        return (
+            f"model.groups applies to model.conv: group only (conv is {choices.conv}): "
+            f"leave it at {DEFAULT_CHOICES.groups}"
+        )
+    if choices.head == spec.default_head:
+        return f"model.head {choices.head} is {name}'s own head: leave it at default"
+    if spec.conv_reach == "stem" and choices.conv == "group":
+        return (
+            f"model.conv group does nothing in {name}: the conv type reaches only its stem, "
+            "which reads the image and stays ungrouped: leave it at standard"
+        )
+    if spec.conv_reach == "stem" and choices.conv == "dilated" and not small_input:
+        return (
+            f"model.conv dilated does nothing in {name} with model.small_input false: the conv "
+            "type reaches only its stem, which is strided (dilation needs stride 1): "
+            "leave it at standard or set small_input true"
+        )
+    if (
+        spec.valid_convs
+        and not small_input
+        and choices.padding != "zeros"
+        and choices.conv != "dilated"
+        and choices.downsample != "strided"
+    ):
+        return (
+            f"model.padding {choices.padding} does nothing in {name} with model.small_input "
+            "false: its convolutions are unpadded ('valid'): leave it at zeros"
+        )
+    return None
 
 
 def build_model(
@@ -93,7 +145,7 @@ def build_model(
     drop_path_rate), rising linearly from 0 at the first; families with
     residual blocks only.
     """
-    check_buildable(name, input_shape, choices, drop_path)
+    check_buildable(name, input_shape, choices, drop_path, small_input=small_input)
     spec = get_spec(name)
     extra = {"drop_path": drop_path} if spec.drop_path else {}
     return spec.builder(

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.errors import ConfigError
+
 CONV_TYPES = ("standard", "separable", "group", "dilated", "spatial_separable")
 NORMS = ("batch", "group", "layer", "none")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu")
@@ -26,6 +28,8 @@ HEADS = ("default", "gap", "flatten", "max_avg")
 BN_MOMENTUM = 0.9
 # PyTorch's LeakyReLU default slope.
 LEAKY_SLOPE = 0.01
+# The layer every model's first convolution reads: raw pixels scaled to [0, 1].
+IMAGE_LAYER = "rescale"
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def image_input(input_shape: tuple[int, int, int]):
     from keras import layers
 
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = layers.Rescaling(1.0 / 255, name=IMAGE_LAYER)(inputs)
     return inputs, x
 
 
@@ -69,6 +73,36 @@ def pad(x, amount: int, choices: LayerChoices, name: str):
     if amount == 0:
         return x
     return Pad2D(amount, mode=choices.padding, name=f"{name}_pad")(x)
+
+
+def reads_image(x) -> bool:
+    """Whether `x` is the model's scaled image (the first convolution's input)."""
+    history = getattr(x, "_keras_history", None)
+    return history is not None and history.operation.name == IMAGE_LAYER
+
+
+def conv_kind(x, kernel_size: int, choices: LayerChoices, groups: int | None = None) -> str:
+    """The conv type a layer gets: `groups` (ResNeXt) forces a group conv; 1x1 convs, and
+    group convs on the image itself (its 1 or 3 colour channels), stay standard."""
+    if groups:
+        return "group"
+    if kernel_size == 1 or (choices.conv == "group" and reads_image(x)):
+        return "standard"
+    return choices.conv
+
+
+def group_count(x, filters: int, choices: LayerChoices, name: str, groups: int | None) -> int:
+    """`groups` (a family's own), else model.groups, refused unless it divides the layer's
+    input and output channels (Keras would fail; lowering it would change it silently)."""
+    if groups:
+        return groups
+    count, channels = choices.groups, x.shape[-1]
+    if channels % count or filters % count:
+        raise ConfigError(
+            f"model.groups {count} does not divide the {channels} input and {filters} output "
+            f"channels of {name}_conv (the largest that does: {math.gcd(count, channels, filters)})"
+        )
+    return count
 
 
 def conv(
@@ -84,15 +118,14 @@ def conv(
 ):
     """A convolution of the chosen type and padding mode, output size ceil(input / strides).
 
-    1x1 convolutions are always standard (the types differ only in the spatial part).
-    `groups` forces a group convolution (ResNeXt, ShuffleNet) whatever the choice.
+    1x1 convolutions are always standard (the types differ only in the spatial part), and
+    so is a group conv on the image (`conv_kind`). `groups` forces a group convolution
+    (ResNeXt) whatever the choice. "dilated" dilates stride-1 convs only (rate 2).
     """
     from keras import layers
 
     common = {"use_bias": use_bias, "name": f"{name}_conv"}
-    kind = "standard" if kernel_size == 1 else choices.conv
-    if groups:
-        kind = "group"
+    kind = conv_kind(x, kernel_size, choices, groups)
     dilation = 2 if kind == "dilated" and strides == 1 else 1
     if choices.padding == "zeros" or kernel_size == 1:
         padding = "same"
@@ -115,7 +148,7 @@ def conv(
         return layers.Conv2D(
             filters, (1, kernel_size), strides=(1, strides), padding=padding, **common
         )(x)
-    groups = math.gcd(groups or choices.groups, x.shape[-1], filters) if kind == "group" else 1
+    groups = group_count(x, filters, choices, name, groups) if kind == "group" else 1
     return layers.Conv2D(
         filters,
         kernel_size,
@@ -177,28 +210,6 @@ def conv_norm_act(
     )
     x = norm(x, choices, name)
     return activation(x, choices, name) if act else x
-
-
-def conv_bn_act(
-    x,
-    filters: int,
-    kernel_size: int,
-    *,
-    strides: int = 1,
-    name: str,
-    activation: str | None = "relu",
-):
-    """Standard conv, batch norm, activation: for fixed published blocks (no choices)."""
-    choices = LayerChoices(activation=activation or "relu")
-    return conv_norm_act(
-        x,
-        filters,
-        kernel_size,
-        strides=strides,
-        name=name,
-        choices=choices,
-        act=activation is not None,
-    )
 
 
 def downsample(x, choices: LayerChoices, name: str, *, pool_size: int = 2, strides: int = 2):

@@ -44,16 +44,16 @@ Shared conventions:
 
 from __future__ import annotations
 
-import math
-
 from pipeline.errors import ConfigError
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
     activation,
     classifier_head,
+    conv_kind,
     conv_norm_act,
     downsample,
+    group_count,
     image_input,
     norm,
     pad,
@@ -101,7 +101,7 @@ def explicit_conv(
     """
     from keras import layers
 
-    kind = "standard" if kernel_size == 1 else choices.conv
+    kind = conv_kind(x, kernel_size, choices)
     dilation = 2 if kind == "dilated" and strides == 1 else 1
     x = pad(x, padding + (dilation - 1) * (kernel_size - 1) // 2, choices, name)
     common = {"padding": "valid", "use_bias": use_bias, "name": f"{name}_conv"}
@@ -117,7 +117,7 @@ def explicit_conv(
             name=f"{name}_conv_kx1",
         )(x)
         return layers.Conv2D(filters, (1, kernel_size), strides=(1, strides), **common)(x)
-    groups = math.gcd(choices.groups, x.shape[-1], filters) if kind == "group" else 1
+    groups = group_count(x, filters, choices, name, None) if kind == "group" else 1
     return layers.Conv2D(
         filters,
         kernel_size,
@@ -198,7 +198,9 @@ def classic_head(
     return probabilities(x, num_classes)
 
 
-@register_model("lenet5", family="lenet", min_size=9, imagenet_size=32)
+@register_model(
+    "lenet5", family="lenet", min_size=9, imagenet_size=32, default_head="classic", valid_convs=True
+)
 def lenet5(
     input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
 ):
@@ -234,7 +236,7 @@ def lenet5(
     return keras.Model(inputs, outputs, name="lenet5")
 
 
-@register_model("alexnet", family="alexnet", min_size=7)
+@register_model("alexnet", family="alexnet", min_size=7, default_head="classic")
 def alexnet(
     input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
 ):
@@ -310,12 +312,12 @@ def hand_written_vgg(
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("vgg11", family="vgg")
+@register_model("vgg11", family="vgg", default_head="classic")
 def vgg11(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     return hand_written_vgg(input_shape, num_classes, choices=choices, name="vgg11", **options)
 
 
-@register_model("vgg13", family="vgg")
+@register_model("vgg13", family="vgg", default_head="classic")
 def vgg13(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     return hand_written_vgg(input_shape, num_classes, choices=choices, name="vgg13", **options)
 

@@ -9,16 +9,46 @@ identically on TensorFlow, JAX and torch.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def pad_runs(size: int, before: int, after: int, mode: str) -> list[tuple[int, int, int]]:
+    """The padded axis as runs (first index, step, length) of the input's indices.
+
+    The indices are np.pad's own (`np.pad(np.arange(size), ...)`), so every mode matches
+    numpy exactly, including pads longer than the side (reflected or wrapped again and
+    again). Steps are +1 (a slice), -1 (a flipped slice) or 0 (an edge repeated).
+    """
+    index = np.pad(np.arange(size), (before, after), mode=NP_MODES[mode]).tolist()
+    runs: list[tuple[int, int, int]] = []
+    for i in index:
+        if runs:
+            first, step, length = runs[-1]
+            last = first + step * (length - 1)
+            if length == 1 and i - last in (-1, 0, 1):
+                runs[-1] = (first, i - last, 2)
+                continue
+            if length > 1 and i - last == step:
+                runs[-1] = (first, step, length + 1)
+                continue
+        runs.append((i, 1, 1))
+    return runs
+
+
 @keras.saving.register_keras_serializable(package="pipeline")
 class Pad2D(keras.layers.Layer):
-    """Pad H and W of NHWC tensors like `np.pad` modes constant(0)/reflect/edge/wrap.
+    """Pad H and W of NHWC tensors exactly like `np.pad` modes constant(0)/reflect/edge/wrap.
 
-    Reflect on a side no longer than the padding (e.g. a 1x1 map) repeats the edge.
+    Keras pads with zeros only. Pads as wide as the side or wider follow numpy too: a
+    1-pixel side repeats (reflect, wrap), longer ones reflect or wrap again and again.
+    Built from slices, flips, repeats and concatenations of static-size pieces, so it
+    runs the same on every backend; H and W must be known when the layer is built.
 
     `padding` is ((top, bottom), (left, right)) or one int for all four sides.
     """
@@ -30,50 +60,41 @@ class Pad2D(keras.layers.Layer):
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
         self.padding = tuple(tuple(int(p) for p in side) for side in padding)
+        if any(p < 0 for side in self.padding for p in side):
+            raise ValueError(f"padding must be >= 0, got {self.padding}")
         self.mode = mode
+
+    def build(self, input_shape):
+        if self.mode != "zeros":
+            for axis, (before, after) in zip((1, 2), self.padding, strict=True):
+                if (before or after) and input_shape[axis] is None:
+                    raise ValueError(
+                        f"{self.name}: {self.mode} padding needs a known height and width, "
+                        f"got input shape {tuple(input_shape)}"
+                    )
 
     def call(self, x):
         for axis, (before, after) in zip((1, 2), self.padding, strict=True):
-            x = self._pad_axis(x, axis, before, after)
+            if before or after:
+                x = self._pad_axis(x, axis, before, after)
         return x
 
     def _pad_axis(self, x, axis: int, before: int, after: int):
-        if not before and not after:
-            return x
-        size = x.shape[axis]
-        mode = self.mode
-        if mode == "reflect" and max(before, after) >= size:
-            # Undefined (np.pad and torch refuse): deep stages of small inputs reach 1x1 maps,
-            # where repeating the edge is the natural reading.
-            mode = "replicate"
-        if mode == "circular" and max(before, after) > size:
-            raise ValueError(f"circular padding {max(before, after)} exceeds the side {size}")
-
-        def take(start, stop):
-            index = [slice(None)] * 4
-            index[axis] = slice(start, stop)
-            return x[tuple(index)]
-
-        parts = []
-        if before:
-            parts.append(self._edge(take, x, axis, before, mode, leading=True))
-        parts.append(x)
-        if after:
-            parts.append(self._edge(take, x, axis, after, mode, leading=False))
-        return ops.concatenate(parts, axis=axis)
+        if self.mode == "zeros":
+            parts = [self._zeros(x, axis, before), x, self._zeros(x, axis, after)]
+            return ops.concatenate([p for p in parts if p is not None], axis=axis)
+        return ops.concatenate(
+            [_run(x, axis, *run) for run in pad_runs(x.shape[axis], before, after, self.mode)],
+            axis=axis,
+        )
 
     @staticmethod
-    def _edge(take, x, axis: int, width: int, mode: str, *, leading: bool):
-        if mode == "zeros":
-            shape = list(ops.shape(x))
-            shape[axis] = width
-            return ops.zeros(shape, dtype=x.dtype)
-        if mode == "replicate":
-            return ops.repeat(take(0, 1) if leading else take(-1, None), width, axis=axis)
-        if mode == "circular":
-            return take(-width, None) if leading else take(0, width)
-        # reflect: mirror without repeating the edge row, like np.pad(mode="reflect")
-        return ops.flip(take(1, width + 1) if leading else take(-width - 1, -1), axis=axis)
+    def _zeros(x, axis: int, width: int):
+        if not width:
+            return None
+        shape = list(ops.shape(x))
+        shape[axis] = width
+        return ops.zeros(shape, dtype=x.dtype)
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
@@ -87,6 +108,18 @@ class Pad2D(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "padding": self.padding, "mode": self.mode}
+
+
+def _run(x, axis: int, first: int, step: int, length: int):
+    """Indices first, first + step, ... (`length` of them) of `x` along `axis`."""
+    index = [slice(None)] * 4
+    if step == 0:
+        index[axis] = slice(first, first + 1)
+        return ops.repeat(x[tuple(index)], length, axis=axis)
+    low = first if step > 0 else first - length + 1
+    index[axis] = slice(low, low + length)
+    piece = x[tuple(index)]
+    return piece if step > 0 else ops.flip(piece, axis=axis)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")

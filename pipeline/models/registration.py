@@ -23,6 +23,19 @@ class ModelSpec:
     imagenet_size: int = 224
     # residual blocks that take stochastic depth (the builder has a `drop_path` argument)
     drop_path: bool = False
+    # What a hand-written builder leaves out of the operator choices, so that the registry
+    # refuses the settings it would ignore (`architectures.unused_setting`):
+    # (LayerChoices field, why the builder ignores it)
+    fixed_choices: tuple[tuple[str, str], ...] = ()
+    # what model.head "default" builds: "gap" (global average pool) or "classic" (dense stack)
+    default_head: str = "gap"
+    # the conv type reaches "all" k>1 convolutions or only the "stem" (ResNeXt, ShuffleNet)
+    conv_reach: str = "all"
+    # model.small_input changes the layout (Inception v3 keeps its stem either way)
+    small_input: bool = True
+    # without small_input every conv is unpadded ('valid', LeNet): model.padding reaches
+    # only a dilated conv's or a strided downsampling's padding
+    valid_convs: bool = False
 
 
 SPECS: dict[str, ModelSpec] = {}
@@ -36,13 +49,16 @@ def register_model(
     hand_written: bool = True,
     imagenet_size: int = 224,
     drop_path: bool = False,
+    **facts,
 ) -> Callable[[Callable], Callable]:
-    """Decorator: make `fn` buildable as `name`."""
+    """Decorator: make `fn` buildable as `name`; `facts`: ModelSpec's other fields."""
 
     def decorate(fn: Callable) -> Callable:
         if name in SPECS:
             raise ValueError(f"model {name!r} registered twice")
-        SPECS[name] = ModelSpec(name, fn, family, min_size, hand_written, imagenet_size, drop_path)
+        SPECS[name] = ModelSpec(
+            name, fn, family, min_size, hand_written, imagenet_size, drop_path, **facts
+        )
         return fn
 
     return decorate

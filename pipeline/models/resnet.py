@@ -43,6 +43,8 @@ from pipeline.models.registration import register_model
 
 # Bottleneck blocks output 4x the channels of their 3x3 conv's `planes`.
 EXPANSION = 4
+# What the registry refuses rather than ignores (ModelSpec.fixed_choices).
+FIXED = (("downsample", "its blocks downsample by strided convs; the stem pool is fixed max"),)
 
 
 def residual_add(shortcut, branch, *, drop_rate: float, name: str):
@@ -180,42 +182,44 @@ def bottleneck_resnet(input_shape, num_classes, blocks_per_stage, **options):
     return resnet(input_shape, num_classes, blocks_per_stage, bottleneck=True, **options)
 
 
-@register_model("resnet18", family="resnet", drop_path=True)
+@register_model("resnet18", family="resnet", drop_path=True, fixed_choices=FIXED)
 def resnet18(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return basic_resnet(
         input_shape, num_classes, (2, 2, 2, 2), name="resnet18", choices=choices, **options
     )
 
 
-@register_model("resnet34", family="resnet", drop_path=True)
+@register_model("resnet34", family="resnet", drop_path=True, fixed_choices=FIXED)
 def resnet34(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return basic_resnet(
         input_shape, num_classes, (3, 4, 6, 3), name="resnet34", choices=choices, **options
     )
 
 
-@register_model("resnet50", family="resnet", drop_path=True)
+@register_model("resnet50", family="resnet", drop_path=True, fixed_choices=FIXED)
 def resnet50(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return bottleneck_resnet(
         input_shape, num_classes, (3, 4, 6, 3), name="resnet50", choices=choices, **options
     )
 
 
-@register_model("resnet101", family="resnet", drop_path=True)
+@register_model("resnet101", family="resnet", drop_path=True, fixed_choices=FIXED)
 def resnet101(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return bottleneck_resnet(
         input_shape, num_classes, (3, 4, 23, 3), name="resnet101", choices=choices, **options
     )
 
 
-@register_model("resnet152", family="resnet", drop_path=True)
+@register_model("resnet152", family="resnet", drop_path=True, fixed_choices=FIXED)
 def resnet152(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     return bottleneck_resnet(
         input_shape, num_classes, (3, 8, 36, 3), name="resnet152", choices=choices, **options
     )
 
 
-@register_model("resnext50_32x4d", family="resnext", drop_path=True)
+@register_model(
+    "resnext50_32x4d", family="resnext", drop_path=True, fixed_choices=FIXED, conv_reach="stem"
+)
 def resnext50_32x4d(input_shape, num_classes, *, choices=DEFAULT_CHOICES, **options):
     """ResNet-50's layout with 32 groups of 4 channels (doubled per stage) in every 3x3 conv."""
     return bottleneck_resnet(

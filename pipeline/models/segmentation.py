@@ -9,13 +9,29 @@ keep their names and a trained classifier's weights load into them by name
 
 Every model takes raw 0..255 pixels and returns per-pixel float32
 probabilities (N, H, W, classes), like the classifiers.
+
+Operator choices (LayerChoices) are the whole model's: the encoder takes them as its
+classifier does (the plain U-Net's encoder takes conv, groups, norm, activation,
+padding and downsample), and every decoder convolution takes the conv type, groups,
+padding, norm and activation, the ASPP's atrous convs (their own dilation, zero
+padding) norm and activation. `pipeline.models.from_config.check_model` refuses the
+choices a keras.applications encoder cannot take, and model.head.
 """
 
 from __future__ import annotations
 
 from pipeline.config import SEGMENTATION_ARCHS
 from pipeline.errors import ConfigError
-from pipeline.models.blocks import BN_MOMENTUM, conv_bn_act, image_input, scaled_width
+from pipeline.models.blocks import (
+    DEFAULT_CHOICES,
+    LayerChoices,
+    activation,
+    conv_norm_act,
+    downsample,
+    image_input,
+    norm,
+    scaled_width,
+)
 
 UPSAMPLING = ("transpose", "bilinear")
 PLAIN = "plain"  # model.encoder of the paper's U-Net
@@ -36,8 +52,13 @@ def build_segmentation_model(
     aspp_rates: tuple[int, ...] = (6, 12, 18),
     width_multiplier: float = 1.0,
     dropout: float = 0.0,
+    choices: LayerChoices = DEFAULT_CHOICES,
+    drop_path: float = 0.0,
 ):
-    """`arch` (unet | deeplabv3plus) for images of `input_shape`; see the module docstring."""
+    """`arch` (unet | deeplabv3plus) for images of `input_shape`; see the module docstring.
+
+    `drop_path`: the encoder's stochastic depth (encoders with residual blocks).
+    """
     if arch not in SEGMENTATION_ARCHS:
         raise ConfigError(
             f"model.arch: {arch!r} is not a segmentation model ({SEGMENTATION_ARCHS})"
@@ -45,16 +66,32 @@ def build_segmentation_model(
     if upsampling not in UPSAMPLING:
         raise ConfigError(f"model.upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if arch == "unet" and encoder == PLAIN:
-        return plain_unet(input_shape, num_classes, upsampling, width_multiplier, dropout)
+        return plain_unet(input_shape, num_classes, upsampling, width_multiplier, dropout, choices)
     if encoder == PLAIN:
         raise ConfigError("model.encoder: deeplabv3plus needs a zoo encoder, e.g. resnet18")
-    inputs, taps = encoder_features(encoder, input_shape, width_multiplier)
+    inputs, taps = encoder_features(encoder, input_shape, width_multiplier, choices, drop_path)
     if arch == "unet":
         return encoder_unet(
-            inputs, taps, input_shape, num_classes, upsampling, width_multiplier, dropout, encoder
+            inputs,
+            taps,
+            input_shape,
+            num_classes,
+            upsampling,
+            width_multiplier,
+            dropout,
+            encoder,
+            choices,
         )
     return deeplabv3plus(
-        inputs, taps, input_shape, num_classes, aspp_rates, width_multiplier, dropout, encoder
+        inputs,
+        taps,
+        input_shape,
+        num_classes,
+        aspp_rates,
+        width_multiplier,
+        dropout,
+        encoder,
+        choices,
     )
 
 
@@ -63,12 +100,29 @@ def check_segmentation_buildable(arch: str, encoder: str, input_shape) -> None:
     _check_divisible(input_shape, 16 if encoder == PLAIN else 32, arch)
 
 
-def encoder_features(encoder: str, input_shape: tuple[int, int, int], width_multiplier: float):
-    """The zoo model `encoder`'s input and {output stride: feature map} for strides 2..32."""
+def encoder_features(
+    encoder: str,
+    input_shape: tuple[int, int, int],
+    width_multiplier: float,
+    choices: LayerChoices = DEFAULT_CHOICES,
+    drop_path: float = 0.0,
+):
+    """The zoo model `encoder`'s input and {output stride: feature map} for strides 2..32.
+
+    Built with the ImageNet layout (small_input false, so strides reach 32) and its own
+    head (cut off here)."""
+    from dataclasses import replace
+
     from pipeline.models.architectures import build_model
 
     classifier = build_model(
-        encoder, input_shape, 2, width_multiplier=width_multiplier, small_input=False
+        encoder,
+        input_shape,
+        2,
+        width_multiplier=width_multiplier,
+        small_input=False,
+        choices=replace(choices, head=DEFAULT_CHOICES.head),
+        drop_path=drop_path,
     )
     height, width = input_shape[:2]
     taps = {}
@@ -97,31 +151,34 @@ def _check_divisible(input_shape, stride: int, arch: str) -> None:
         )
 
 
-def _upsample(x, factor: int, filters: int, upsampling: str, name: str):
+def _upsample(x, factor: int, filters: int, upsampling: str, name: str, choices: LayerChoices):
     """Enlarge by `factor`: a transposed conv (learned; may leave checkerboard artifacts,
-    Odena et al. 2016) or bilinear interpolation followed by a 3x3 conv."""
+    Odena et al. 2016) then norm and activation, or bilinear interpolation and a 3x3 conv."""
     from keras import layers
 
     if upsampling == "transpose":
         x = layers.Conv2DTranspose(
-            filters, factor, strides=factor, use_bias=False, name=f"{name}_upconv"
+            filters,
+            factor,
+            strides=factor,
+            use_bias=choices.norm == "none",
+            name=f"{name}_upconv",
         )(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_upconv_bn")(x)
-        return layers.Activation("relu", name=f"{name}_upconv_relu")(x)
+        return activation(norm(x, choices, f"{name}_upconv"), choices, f"{name}_upconv")
     x = layers.UpSampling2D(factor, interpolation="bilinear", name=f"{name}_resize")(x)
-    return conv_bn_act(x, filters, 3, name=f"{name}_upconv")
+    return conv_norm_act(x, filters, 3, name=f"{name}_upconv", choices=choices)
 
 
-def _decoder_block(x, skip, filters: int, upsampling: str, name: str):
-    """Upsample to the skip's resolution, concatenate it, then two 3x3 conv-BN-ReLU."""
+def _decoder_block(x, skip, filters: int, upsampling: str, name: str, choices: LayerChoices):
+    """Upsample to the skip's resolution, concatenate it, then two 3x3 conv-norm-act."""
     from keras import layers
 
     factor = skip.shape[1] // x.shape[1] if skip is not None else 2
-    x = _upsample(x, factor, filters, upsampling, name)
+    x = _upsample(x, factor, filters, upsampling, name, choices)
     if skip is not None:
         x = layers.Concatenate(name=f"{name}_concat")([x, skip])
-    x = conv_bn_act(x, filters, 3, name=f"{name}_conv1")
-    return conv_bn_act(x, filters, 3, name=f"{name}_conv2")
+    x = conv_norm_act(x, filters, 3, name=f"{name}_conv1", choices=choices)
+    return conv_norm_act(x, filters, 3, name=f"{name}_conv2", choices=choices)
 
 
 def _segmentation_head(x, num_classes: int, dropout: float, name: str = "seg_head"):
@@ -135,32 +192,47 @@ def _segmentation_head(x, num_classes: int, dropout: float, name: str = "seg_hea
 
 
 def plain_unet(
-    input_shape, num_classes: int, upsampling: str, width_multiplier: float, dropout: float
+    input_shape,
+    num_classes: int,
+    upsampling: str,
+    width_multiplier: float,
+    dropout: float,
+    choices: LayerChoices = DEFAULT_CHOICES,
 ):
-    """Ronneberger et al. (2015): four levels of two 3x3 convs (64..512) and a max pool,
-    a 1024-channel bottom, and a mirrored decoder with skip concatenations. Unlike the
-    paper, convs pad ("same") so the output has the input's size, and BN follows each conv."""
+    """Ronneberger et al. (2015): four levels of two 3x3 convs (64..512) and a 2x
+    downsampling (max pool by default), a 1024-channel bottom, and a mirrored decoder with
+    skip concatenations. Unlike the paper, convs pad so the output has the input's size,
+    and a norm (batch by default) follows each conv."""
     import keras
-    from keras import layers
 
     _check_divisible(input_shape, 16, "unet")
     inputs, x = image_input(input_shape)
     widths = [scaled_width(f, width_multiplier) for f in (64, 128, 256, 512, 1024)]
     skips = []
     for level, filters in enumerate(widths[:-1], start=1):
-        x = conv_bn_act(x, filters, 3, name=f"enc{level}_conv1")
-        x = conv_bn_act(x, filters, 3, name=f"enc{level}_conv2")
+        x = conv_norm_act(x, filters, 3, name=f"enc{level}_conv1", choices=choices)
+        x = conv_norm_act(x, filters, 3, name=f"enc{level}_conv2", choices=choices)
         skips.append(x)
-        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
-    x = conv_bn_act(x, widths[-1], 3, name="bottom_conv1")
-    x = conv_bn_act(x, widths[-1], 3, name="bottom_conv2")
+        x = downsample(x, choices, name=f"enc{level}_down")
+    x = conv_norm_act(x, widths[-1], 3, name="bottom_conv1", choices=choices)
+    x = conv_norm_act(x, widths[-1], 3, name="bottom_conv2", choices=choices)
     for level in range(len(skips), 0, -1):
-        x = _decoder_block(x, skips[level - 1], widths[level - 1], upsampling, f"dec{level}")
+        x = _decoder_block(
+            x, skips[level - 1], widths[level - 1], upsampling, f"dec{level}", choices
+        )
     return keras.Model(inputs, _segmentation_head(x, num_classes, dropout), name="unet")
 
 
 def encoder_unet(
-    inputs, taps, input_shape, num_classes, upsampling, width_multiplier, dropout, encoder
+    inputs,
+    taps,
+    input_shape,
+    num_classes,
+    upsampling,
+    width_multiplier,
+    dropout,
+    encoder,
+    choices: LayerChoices = DEFAULT_CHOICES,
 ):
     """U-Net decoder over a zoo encoder: from the deepest feature map up through every
     shallower one as a skip, then one more block without skip to full resolution."""
@@ -175,14 +247,22 @@ def encoder_unet(
     for depth, (skip_stride, filters) in enumerate(zip(levels, channels, strict=True)):
         skip = taps[skip_stride] if skip_stride else None
         if skip is None and strides[-1] > 2:  # the shallowest map is coarser than 1/2
-            x = _upsample(x, strides[-1] // 2, filters, upsampling, f"dec{depth}_pre")
-        x = _decoder_block(x, skip, filters, upsampling, f"dec{depth}")
+            x = _upsample(x, strides[-1] // 2, filters, upsampling, f"dec{depth}_pre", choices)
+        x = _decoder_block(x, skip, filters, upsampling, f"dec{depth}", choices)
     outputs = _segmentation_head(x, num_classes, dropout)
     return keras.Model(inputs, outputs, name=f"unet_{encoder}")
 
 
 def deeplabv3plus(
-    inputs, taps, input_shape, num_classes, aspp_rates, width_multiplier, dropout, encoder
+    inputs,
+    taps,
+    input_shape,
+    num_classes,
+    aspp_rates,
+    width_multiplier,
+    dropout,
+    encoder,
+    choices: LayerChoices = DEFAULT_CHOICES,
 ):
     """Chen et al. (2018): ASPP (a 1x1 conv, one 3x3 atrous conv per rate, image pooling)
     on the stride-16 features, upsampled x4 and joined with 48 channels of the stride-4
@@ -198,34 +278,43 @@ def deeplabv3plus(
     high, low = taps[high_stride], taps[low_stride]
     filters = scaled_width(256, width_multiplier)
 
-    branches = [conv_bn_act(high, filters, 1, name="aspp_1x1")]
+    def unit(x, width: int, kernel_size: int, name: str):
+        return conv_norm_act(x, width, kernel_size, name=name, choices=choices)
+
+    branches = [unit(high, filters, 1, "aspp_1x1")]
     for rate in aspp_rates:
-        branches.append(_atrous_conv(high, filters, rate, name=f"aspp_rate{rate}"))
+        branches.append(_atrous_conv(high, filters, rate, f"aspp_rate{rate}", choices))
     pooled = layers.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(high)
-    pooled = conv_bn_act(pooled, filters, 1, name="aspp_pool_conv")
+    pooled = unit(pooled, filters, 1, "aspp_pool_conv")
     pooled = layers.UpSampling2D(tuple(high.shape[1:3]), name="aspp_pool_resize")(pooled)
     x = layers.Concatenate(name="aspp_concat")([*branches, pooled])
-    x = conv_bn_act(x, filters, 1, name="aspp_project")
+    x = unit(x, filters, 1, "aspp_project")
     if dropout > 0:
         x = layers.Dropout(dropout, name="aspp_dropout")(x)
 
     factor = high_stride // low_stride
     x = layers.UpSampling2D(factor, interpolation="bilinear", name="decoder_resize")(x)
-    low = conv_bn_act(low, scaled_width(48, width_multiplier), 1, name="decoder_low")
+    low = unit(low, scaled_width(48, width_multiplier), 1, "decoder_low")
     x = layers.Concatenate(name="decoder_concat")([x, low])
-    x = conv_bn_act(x, filters, 3, name="decoder_conv1")
-    x = conv_bn_act(x, filters, 3, name="decoder_conv2")
+    x = unit(x, filters, 3, "decoder_conv1")
+    x = unit(x, filters, 3, "decoder_conv2")
     if low_stride > 1:
         x = layers.UpSampling2D(low_stride, interpolation="bilinear", name="output_resize")(x)
     outputs = _segmentation_head(x, num_classes, 0.0)
     return keras.Model(inputs, outputs, name=f"deeplabv3plus_{encoder}")
 
 
-def _atrous_conv(x, filters: int, rate: int, name: str):
+def _atrous_conv(x, filters: int, rate: int, name: str, choices: LayerChoices):
+    """A 3x3 conv dilated by `rate` (zero padding, standard), then the chosen norm and
+    activation."""
     from keras import layers
 
     x = layers.Conv2D(
-        filters, 3, padding="same", dilation_rate=rate, use_bias=False, name=f"{name}_conv"
+        filters,
+        3,
+        padding="same",
+        dilation_rate=rate,
+        use_bias=choices.norm == "none",
+        name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
-    return layers.Activation("relu", name=f"{name}_relu")(x)
+    return activation(norm(x, choices, name), choices, name)

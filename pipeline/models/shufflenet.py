@@ -128,7 +128,12 @@ def shuffle_unit(x, filters: int, *, strides: int, name: str, choices: LayerChoi
     return channel_shuffle(x, f"{name}_shuffle")
 
 
-@register_model("shufflenet_v2", family="shufflenet")
+@register_model(
+    "shufflenet_v2",
+    family="shufflenet",
+    fixed_choices=(("downsample", "its units downsample by strided convs; the stem pool is max"),),
+    conv_reach="stem",
+)
 def shufflenet_v2(
     input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
 ):

@@ -33,16 +33,17 @@ def test_padding_matches_numpy(mode, padding):
 
 
 @pytest.mark.parametrize("mode", list(NP_MODE))
-def test_padding_layer_survives_save_and_load(mode, tmp_path):
+@pytest.mark.parametrize("padding", [((1, 2), (2, 0)), ((7, 3), (0, 6))])  # and wider than 5
+def test_padding_layer_survives_save_and_load(mode, padding, tmp_path):
     inputs = keras.Input((5, 5, 2))
-    model = keras.Model(inputs, Pad2D(((1, 2), (2, 0)), mode=mode, name="pad")(inputs))
+    model = keras.Model(inputs, Pad2D(padding, mode=mode, name="pad")(inputs))
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     assert loaded.get_layer("pad").get_config() == model.get_layer("pad").get_config()
     x = np.arange(50, dtype=np.float32).reshape(1, 5, 5, 2)
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x))
-    )
+    got = keras.ops.convert_to_numpy(loaded(x))
+    np.testing.assert_array_equal(got, keras.ops.convert_to_numpy(model(x)))
+    np.testing.assert_array_equal(got, np.pad(x, ((0, 0), *padding, (0, 0)), NP_MODE[mode]))
 
 
 def test_stochastic_depth_survives_save_and_load(tmp_path):
@@ -57,17 +58,26 @@ def test_stochastic_depth_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), x)  # inference: identity
 
 
-def test_reflect_on_a_side_too_short_repeats_the_edge():
-    x = np.arange(6, dtype=np.float32).reshape(1, 1, 6, 1)  # a 1-pixel-high map
-    got = keras.ops.convert_to_numpy(Pad2D(1, mode="reflect")(x))
-    expected = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)), mode="edge")  # H: too short
-    expected = np.pad(expected, ((0, 0), (0, 0), (1, 1), (0, 0)), mode="reflect")  # W: fine
-    np.testing.assert_array_equal(got, expected)
+@pytest.mark.parametrize("mode", list(NP_MODE))
+@pytest.mark.parametrize("side", [1, 2, 3, 4])
+def test_padding_matches_numpy_for_every_side_and_pad_up_to_7(mode, side):
+    """Pads as wide as the side or wider too: numpy reflects and wraps again and again.
+
+    H has `side` pixels and W 5 - side; each of the four pads takes every value 0..7.
+    """
+    x = np.random.default_rng(side).normal(size=(1, side, 5 - side, 2)).astype(np.float32)
+    for pad in range(8):
+        spec = ((pad, (pad + 5) % 8), ((pad + 2) % 8, (7 - pad)))  # asymmetric
+        expected = np.pad(x, ((0, 0), *spec, (0, 0)), mode=NP_MODE[mode])
+        got = keras.ops.convert_to_numpy(Pad2D(spec, mode=mode)(x))
+        np.testing.assert_array_equal(got, expected, err_msg=f"{mode} {spec}")
 
 
-def test_circular_padding_wider_than_the_side_is_refused():
-    with pytest.raises(ValueError, match="circular padding 3"):
-        Pad2D(3, mode="circular")(np.zeros((1, 2, 2, 1), np.float32))
+def test_padding_needs_static_sides_and_non_negative_pads():
+    with pytest.raises(ValueError, match="known height and width"):
+        Pad2D(1, mode="reflect")(keras.Input((None, 4, 1)))
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        Pad2D(((0, -1), (0, 0)))
 
 
 def conv_params(kind: str, k: int = 3, cin: int = 16, cout: int = 32, groups: int = 4) -> int:

@@ -155,6 +155,24 @@ def test_deeplab_has_aspp_rates_image_pooling_and_a_stride_4_skip():
     )
 
 
+def test_operator_choices_reach_the_plain_unets_encoder_and_decoder():
+    """GroupNorm (small-batch segmentation's norm) and the other choices, everywhere."""
+    from pipeline.models.blocks import LayerChoices
+
+    choices = LayerChoices(norm="group", activation="leaky_relu", downsample="strided")
+    model = build_segmentation_model(
+        "unet", SHAPE, 3, upsampling="transpose", width_multiplier=0.25, choices=choices
+    )
+    types = layer_types(model)
+    assert "GroupNormalization" in types and "BatchNormalization" not in types
+    assert "MaxPooling2D" not in types and "ReLU" not in types
+    for name in ("enc1_conv1_leaky_relu", "enc1_down_gn", "bottom_conv2_gn", "dec1_upconv_gn"):
+        model.get_layer(name)
+    assert not [la for la in model.layers if la.get_config().get("activation") == "relu"]
+    probs = keras.ops.convert_to_numpy(model(np.ones((1, *SHAPE), np.float32)))
+    assert probs.shape == (1, *SHAPE[:2], 3) and np.isfinite(probs).all()
+
+
 def test_bad_choices_are_refused_with_the_key():
     with pytest.raises(ConfigError, match="model.encoder: vit_tiny"):
         build_segmentation_model("unet", SHAPE, 3, encoder="vit_tiny")
