@@ -87,6 +87,20 @@ def project_files() -> list[str]:
     return [f for f in listed if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/"))]
 
 
+# Architectures that run the same builder code as another (a depth or scale variant):
+# tests that build every architecture may build the sibling instead.
+SAME_CODE_AS_SIBLING = {
+    "efficientnet_b1": "efficientnet_b0",
+    "efficientnet_b2": "efficientnet_b0",
+    "efficientnet_b3": "efficientnet_b0",
+    "mobilenet_v3_large": "mobilenet_v3_small",
+    "resnet34": "resnet18",
+    "resnet101": "resnet50",
+    "resnet152": "resnet50",
+    "vgg13": "vgg11",
+    "vgg19": "vgg16",
+    "vit_small": "vit_tiny",
+}
 # The tiny configurations tests train with: seconds on the digits, on any backend.
 TINY_MODEL = ModelConfig(arch="simple_cnn", width_multiplier=0.25)
 SHORT_TRAIN = TrainConfig(epochs=3, batch_size=128, warmup_epochs=1, learning_rate=0.01)

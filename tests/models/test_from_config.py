@@ -17,6 +17,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from conftest import SAME_CODE_AS_SIBLING
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ConfigError
@@ -25,19 +26,6 @@ from pipeline.models.from_config import build, check_model
 
 SHAPE = (32, 32, 3)
 CLASSES = 3
-# arch -> the architecture whose code it runs (depth or scale variant)
-SIBLING = {
-    "resnet34": "resnet18",
-    "resnet101": "resnet50",
-    "resnet152": "resnet50",
-    "vgg13": "vgg11",
-    "vgg19": "vgg16",
-    "vit_small": "vit_tiny",
-    "efficientnet_b1": "efficientnet_b0",
-    "efficientnet_b2": "efficientnet_b0",
-    "efficientnet_b3": "efficientnet_b0",
-    "mobilenet_v3_large": "mobilenet_v3_small",
-}
 # Fixed-operator families (keras.applications, ViT) built here; the other applications
 # are checked without a build.
 BUILT_FIXED = {"mobilenet_v2", "vit_tiny"}
@@ -132,8 +120,8 @@ def test_the_default_settings_are_accepted(arch):
 def test_every_setting_changes_the_model_or_is_refused(arch, overrides, reference):
     cfg = replace(base_config(arch), **overrides)
     refusal = verdict(cfg, overrides)
-    if arch in SIBLING:
-        sibling = replace(cfg, arch=SIBLING[arch])
+    if arch in SAME_CODE_AS_SIBLING:
+        sibling = replace(cfg, arch=SAME_CODE_AS_SIBLING[arch])
         assert refusal == verdict(sibling, overrides), "a sibling decides as its representative"
         return
     if refusal is not None:

@@ -11,29 +11,18 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from conftest import SAME_CODE_AS_SIBLING
 
 from pipeline.models.architectures import build_model, get_spec, list_models
 from pipeline.tracking import logged_models, runs
 
 NUM_CLASSES = 5
 ON_JAX = keras.backend.backend() == "jax"
-# Depth and scale variants run the same block functions as a sibling (resnet34 as
-# resnet18, efficientnet_b1-b3 as b0, ...): on CI's JAX pass they add minutes and no
-# code path, so that pass skips them. The TensorFlow pass builds every name.
-SAME_CODE_AS_SIBLING = {
-    "efficientnet_b1": "efficientnet_b0",
-    "efficientnet_b2": "efficientnet_b0",
-    "efficientnet_b3": "efficientnet_b0",
-    "resnet34": "resnet18",
-    "resnet101": "resnet50",
-    "resnet152": "resnet50",
-    "vgg13": "vgg11",
-    "vgg19": "vgg16",
-    "vit_small": "vit_tiny",
-}
 
 
 def zoo_params():
+    """Every architecture; on CI's JAX pass not those running a sibling's code (they add
+    minutes and no code path there). The TensorFlow pass builds every name."""
     for name in list_models():
         sibling = SAME_CODE_AS_SIBLING.get(name)
         skip = pytest.mark.skipif(ON_JAX, reason=f"same code as {sibling}; TensorFlow pass runs it")
