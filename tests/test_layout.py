@@ -179,3 +179,21 @@ def test_dvc_deps_cover_every_module_the_stage_runs(stage):
     for dep in code_deps:  # a dep no module of the stage lies under reruns it for nothing
         assert (ROOT / dep).exists(), f"dvc.yaml stage {stage}: {dep} does not exist"
         assert any(covered(p, [dep]) for p in needed), f"stage {stage} does not run {dep}"
+
+
+def test_importing_the_package_and_its_cli_loads_no_framework():
+    """`import pipeline` (and the CLI, config, fetch and prepare) start no TensorFlow, JAX,
+    Keras, MLflow or DVC: a GPU machine with JAX only, and `check`, stay light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline, pipeline.__main__, pipeline.config, pipeline.stages.fetch, "
+        "pipeline.stages.prepare; heavy = {'tensorflow', 'keras', 'jax', 'mlflow', 'dvc'}; "
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
