@@ -159,6 +159,15 @@ def copy_project(repo: Path, params: dict[str, Any] | None = None) -> Path:
     return repo
 
 
+def archive_project(base: Path, classes, params: dict[str, Any] | None = None):
+    """(project, archive): a local tar of `classes` with 8 tiny PNGs each at
+    `base/pets.tar.gz`, and this project copied to `base/project` fetching it at 8x8,
+    with `params` (as `params_with` takes them) on top."""
+    archive = make_tar(base / "pets.tar.gz", class_files(classes=classes, per_class=8))
+    source = {"fetch.source": "archive", "fetch.url": str(archive), "prepare.image_size": 8}
+    return copy_project(base / "project", {**source, **(params or {})}), archive
+
+
 def missing_service(reason: str):
     """Skip, or fail where `make test` promises the services (PIPELINE_REQUIRE_SERVICES=1)."""
     if os.environ.get("PIPELINE_REQUIRE_SERVICES") == "1":

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import (
     Server,
+    archive_project,
     class_files,
-    copy_project,
     edit_params,
     garbled_jpeg,
     make_tar,
@@ -40,15 +40,7 @@ CLASSES = ("cat", "dog", "owl")
 @pytest.fixture(scope="module")
 def produced(tmp_path_factory) -> Path:
     """A project whose `fetch` and `prepare` ran through the CLI: 3 classes of 8 images."""
-    base = tmp_path_factory.mktemp("produced")
-    archive = make_tar(base / "pets.tar.gz", class_files(classes=CLASSES, per_class=8))
-
-    small_archive = {
-        "fetch.source": "archive",
-        "fetch.url": str(archive),
-        "prepare.image_size": 8,
-    }
-    project = copy_project(base / "project", small_archive)
+    project, _ = archive_project(tmp_path_factory.mktemp("produced"), CLASSES)
     sh([sys.executable, "-m", "pipeline", "fetch"], project)
     sh([sys.executable, "-m", "pipeline", "prepare"], project)
     return project

@@ -10,45 +10,38 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import QUICK_RUN, class_files, copy_project, make_tar, png_bytes, sh
+from conftest import QUICK_RUN, archive_project, class_files, make_tar, png_bytes, sh
 
 pytestmark = pytest.mark.slow
 
 CLASSES = ("ant", "bee", "cow")
 
 
-def changed_stages(repo) -> dict[str, str]:
+def changed_stages(repo) -> dict[str, list]:
     """`dvc status --json`: stage name -> what changed, for every stage that changed."""
     done = sh(["dvc", "status", "--json"], repo)
-    return {name.split(":")[-1]: json.dumps(what) for name, what in json.loads(done.stdout).items()}
+    return {name.split(":")[-1]: what for name, what in json.loads(done.stdout).items()}
+
+
+def changed_deps(changes: list) -> set[str]:
+    """The dependency paths among one stage's `dvc status` changes."""
+    return {dep for c in changes if isinstance(c, dict) for dep in c.get("changed deps", {})}
 
 
 def stages_with_changed_dep(repo, path: str) -> set[str]:
     """The stages whose changed deps include `path` or a folder holding it."""
-    done = sh(["dvc", "status", "--json"], repo)
-    found = set()
-    for name, changes in json.loads(done.stdout).items():
-        for change in changes:
-            deps = change.get("changed deps", {}) if isinstance(change, dict) else {}
-            if any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps):
-                found.add(name.split(":")[-1])
-    return found
+    return {
+        stage
+        for stage, changes in changed_stages(repo).items()
+        if any(path == d or path.startswith(d.rstrip("/") + "/") for d in changed_deps(changes))
+    }
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """The project on a local archive, reproduced through register and committed."""
-    base = tmp_path_factory.mktemp("deps")
-    archive = make_tar(base / "pets.tar.gz", class_files(classes=CLASSES, per_class=8))
-    params = {
-        **QUICK_RUN,
-        "fetch.source": "archive",
-        "fetch.url": str(archive),
-        "prepare.image_size": 8,
-        "train.batch_size": 8,
-        "register.model_name": "deps-classifier",
-    }
-    repo = copy_project(base / "project", params)
+    params = {**QUICK_RUN, "train.batch_size": 8, "register.model_name": "deps-classifier"}
+    repo, archive = archive_project(tmp_path_factory.mktemp("deps"), CLASSES, params)
     sh(["dvc", "repro"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "reproduced"], repo)
@@ -64,7 +57,7 @@ def test_an_archive_rebuilt_in_place_is_fetched_again(project):
     files["bee/8.png"] = png_bytes(77)  # a new labelled image
     make_tar(archive, files)
     changed = changed_stages(repo)
-    assert set(changed) == {"fetch"} and str(archive) in changed["fetch"]
+    assert set(changed) == {"fetch"} and str(archive) in changed_deps(changed["fetch"])
     sh(["dvc", "repro", "prepare"], repo)
     after = json.loads((repo / "data/raw/source.json").read_text())
     assert after["sha256"] != before["sha256"] and after["num_images"] == before["num_images"] + 1
