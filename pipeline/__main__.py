@@ -76,15 +76,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_register(args: argparse.Namespace) -> None:
     from pipeline.stages import register
 
-    register.run(config.load("register", args.params))
+    register.run(load_register(args.params))
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
     from pipeline.tools import promote
 
-    promote.run(
-        config.load("register", args.params), name=args.name, version=args.version, force=args.force
-    )
+    promote.run(load_register(args.params), name=args.name, version=args.version, force=args.force)
+
+
+def load_register(path: Path) -> config.RegisterConfig:
+    """The register section, its gate checked against the task as `check` does."""
+    params = config.read_params(path)
+    cfg = config.load("register", path, params)
+    try:
+        config.check_register(config.load_task(path, params), cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
 
 
 def cmd_check(args: argparse.Namespace) -> None:
