@@ -3,17 +3,33 @@ the prepare settings. Not the model card (`pipeline.models.model_card`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pipeline.errors import DataError
+from pipeline.artifacts import damaged, read_json
 from pipeline.layout import PREPARED_DIR, data_card_file
+
+# What the stages and tools read from a card, by type: a card lacking one is damaged.
+CARD_KEYS = {
+    "classes": list,
+    "num_classes": int,
+    "image_shape": list,
+    "counts": dict,
+    "totals": dict,
+    "source": dict,
+    "data_hash": str,
+}
 
 
 def read_card(prepared_dir: Path = PREPARED_DIR) -> dict:
-    """The data card written by `run`; a missing card means prepare has not run."""
+    """The data card written by prepare; missing, damaged or self-contradicting, a DataError
+    naming it (a missing card means prepare has not run)."""
     path = data_card_file(prepared_dir)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} not found; run `python -m pipeline prepare` first") from None
+    card = read_json(path, CARD_KEYS)
+    shape = card["image_shape"]
+    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise damaged(path, f"'image_shape' must be [height, width, channels], got {shape}")
+    if len(card["classes"]) != card["num_classes"]:
+        raise damaged(
+            path, f"names {len(card['classes'])} classes but 'num_classes' is {card['num_classes']}"
+        )
+    return card

@@ -3,9 +3,9 @@ image/mask pairs), less the files prepare skips."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pipeline.artifacts import damaged, read_json
 from pipeline.errors import DataError
 from pipeline.layout import IGNORED_DIRS, IMAGE_SUFFIXES
 
@@ -50,17 +50,12 @@ def _visible(path: Path) -> bool:
 
 
 def read_source(raw_dir: Path) -> dict:
-    path = raw_dir / "source.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"prepare: {path} not found; run `python -m pipeline fetch` first"
-        ) from None
-    except json.JSONDecodeError:
-        raise DataError(
-            f"prepare: {path} is not valid JSON; rerun `python -m pipeline fetch`"
-        ) from None
+    """fetch's record of the data (`data/raw/source.json`); a DataError naming it when it
+    is missing (fetch has not run) or damaged."""
+    source = read_json(raw_dir / "source.json", {"source": str}, who="prepare")
+    if not isinstance(source.get("splits") or [], list):
+        raise damaged(raw_dir / "source.json", "'splits' must be a list", who="prepare")
+    return source
 
 
 def without_corrupt(

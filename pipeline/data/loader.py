@@ -15,22 +15,45 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.artifacts import damaged, read_array
+from pipeline.data.data_card import read_card
 from pipeline.layout import images_file, labels_file
 
 
 def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped images (N, H, W, C) uint8 and labels (N,) int32 of one split."""
-    try:
-        images = np.load(images_file(prepared_dir, split), mmap_mode="r")
-        labels = np.load(labels_file(prepared_dir, split))
-    except FileNotFoundError as exc:
-        raise DataError(
-            f"{exc.filename} not found; run `python -m pipeline prepare` first"
-        ) from None
-    if len(images) != len(labels):
-        raise DataError(
-            f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels"
+    """Memory-mapped images (N, H, W, C) uint8 and labels (N,) int32 (masks: (N, H, W)
+    uint8) of one split, checked against each other and against the data card: a damaged or
+    mismatched file is a DataError naming it."""
+    card = read_card(prepared_dir)
+    segmentation = card.get("task") == "segmentation"
+    images_path, labels_path = images_file(prepared_dir, split), labels_file(prepared_dir, split)
+    images = read_array(images_path, kind="u", ndim=4, mmap=True)
+    labels = read_array(
+        labels_path, kind="u" if segmentation else "i", ndim=3 if segmentation else 1
+    )
+    expected = card["totals"].get(split)
+    if len(images) != expected:
+        raise damaged(images_path, f"holds {len(images)} images, the data card {expected}")
+    if len(labels) != len(images):
+        raise damaged(labels_path, f"holds {len(labels)} labels for {len(images)} images")
+    if list(images.shape[1:]) != card["image_shape"]:
+        raise damaged(
+            images_path,
+            f"holds images of {list(images.shape[1:])}, the data card {card['image_shape']}",
+        )
+    if segmentation and labels.shape[1:] != images.shape[1:3]:
+        raise damaged(
+            labels_path,
+            f"holds masks of {list(labels.shape[1:])}, the images {list(images.shape[1:3])}",
+        )
+    if (
+        not segmentation
+        and len(labels)
+        and not 0 <= labels.min() <= labels.max() < card["num_classes"]
+    ):
+        raise damaged(
+            labels_path,
+            f"holds labels outside 0..{card['num_classes'] - 1} (the data card's classes)",
         )
     return images, labels
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import DataError
+from pipeline.artifacts import read_keras_model
 from pipeline.layout import MODEL_DIR
 
 MODEL_FILE = "model.keras"
@@ -33,29 +33,18 @@ def model_summary(model) -> str:
 
 
 def load_trained_model(model_dir: Path = MODEL_DIR):
-    """The trained Keras model, loaded in safe mode (no code from the file runs)."""
-    path = model_dir / MODEL_FILE
-    if not path.exists():
-        raise DataError(f"{path} not found; run `python -m pipeline train` first")
-    return load_keras_file(path)
+    """The trained Keras model, loaded in safe mode (no code from the file runs); a missing
+    or damaged file is a DataError naming it."""
+    return load_keras_file(model_dir / MODEL_FILE)
 
 
 def load_keras_file(path: Path):
     """A `.keras` file of this project, in safe mode, with the zoo's custom layers known.
 
     Safe mode refuses a file that carries Python code (a Lambda layer's bytecode) before
-    any of it runs; that is a one-line DataError naming the file.
+    any of it runs; that, and a missing, cut or garbled file, is a one-line DataError
+    naming the file (`pipeline.artifacts`).
     """
-    import keras
-
     import pipeline.models.layers  # noqa: F401  registers the zoo's custom layers
 
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except ValueError as exc:
-        if "safe_mode" not in str(exc):
-            raise
-        raise DataError(
-            f"{path}: refused: it holds Python code (a Lambda layer), which Keras safe mode "
-            "does not load; use a model this project built"
-        ) from None
+    return read_keras_model(path)

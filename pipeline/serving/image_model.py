@@ -33,6 +33,7 @@ import pandas as pd
 # import closure: tests/test_layout.py checks it), so serving needs no trainer code.
 SERVED_FILES = (
     "__init__.py",
+    "artifacts.py",
     "errors.py",
     "layout.py",
     "data/__init__.py",

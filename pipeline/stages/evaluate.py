@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import write_json, write_text
 from pipeline.config import EvaluateConfig, flatten
-from pipeline.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
+from pipeline.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR, data_card_file
 
 IMAGES_DIR = "images"
 TABLES_DIR = "tables"  # one DVC output whatever the task: confusion.csv or per_class_iou.csv
@@ -21,20 +22,31 @@ def run(
     metrics_dir: Path = METRICS_DIR,
     plots_dir: Path = PLOTS_DIR,
 ) -> dict:
-    """Write metrics/eval.json, per-class figures and plots; log them to the training run."""
+    """Write metrics/eval.json, per-class figures and plots; log them to the training run.
+
+    Every input is read and checked first (the card, the run file, the history, the model,
+    and that the model fits the card), so a damaged one fails before anything is written.
+    """
+    from pipeline.artifacts import check_card_fits_model
     from pipeline.data.data_card import read_card
-    from pipeline.models.saved import load_trained_model
+    from pipeline.models.saved import MODEL_FILE, load_trained_model
     from pipeline.scoring import plots
     from pipeline.scoring.metrics import classification_report
     from pipeline.scoring.predictions import predict_split
+    from pipeline.tracking import runs
+    from pipeline.training.history import HISTORY_FILE, read_history
 
     card = read_card(prepared_dir)
+    runs.read_run_file(model_dir)
+    history_csv = plots_dir / HISTORY_FILE
+    history = read_history(history_csv) if history_csv.exists() else None
+    model = load_trained_model(model_dir)
+    check_card_fits_model(card, data_card_file(prepared_dir), model, model_dir / MODEL_FILE)
+    inputs = Inputs(card, model, history)
     if card.get("task") == "segmentation":
-        return run_segmentation(cfg, card, prepared_dir, model_dir, metrics_dir, plots_dir)
+        return run_segmentation(cfg, inputs, prepared_dir, model_dir, metrics_dir, plots_dir)
     classes = card["classes"]
-    probs, labels = predict_split(
-        load_trained_model(model_dir), prepared_dir, "test", cfg.batch_size
-    )
+    probs, labels = predict_split(model, prepared_dir, "test", cfg.batch_size)
     report, cm = classification_report(probs, labels, classes)
     per_class = report.pop("per_class")
     images = plots_dir / IMAGES_DIR
@@ -45,7 +57,16 @@ def run(
             labels, probs.argmax(axis=1), classes, plots_dir / TABLES_DIR / "confusion.csv"
         ),
     ]
-    return record(cfg, report, per_class, files, model_dir, metrics_dir, plots_dir)
+    return record(cfg, report, per_class, files, inputs, model_dir, metrics_dir, plots_dir)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What evaluate read and checked before writing anything."""
+
+    card: dict
+    model: object
+    history: dict[str, list[float]] | None
 
 
 def record(
@@ -53,6 +74,7 @@ def record(
     report: dict,
     per_class: dict,
     files: list[Path],
+    inputs: Inputs,
     model_dir: Path,
     metrics_dir: Path,
     plots_dir: Path,
@@ -62,16 +84,16 @@ def record(
     it all to the training run; return `report`."""
     from pipeline.scoring import plots
     from pipeline.tracking import runs
-    from pipeline.training.history import HISTORY_FILE, read_history
+    from pipeline.training.history import HISTORY_FILE
 
     write_json(metrics_dir / "eval.json", report)
     write_json(metrics_dir / "per_class.json", per_class, sort_keys=False)
-    history_csv = plots_dir / HISTORY_FILE
-    if history_csv.exists():
+    if inputs.history is not None:
         curves = plots_dir / IMAGES_DIR / "training_curves.png"
-        files = [*files, plots.training_curves_png(read_history(history_csv), curves), history_csv]
-    run_file = runs.read_run_file(model_dir)
+        history_csv = plots_dir / HISTORY_FILE
+        files = [*files, plots.training_curves_png(inputs.history, curves), history_csv]
     kept = f"{metrics_dir / 'eval.json'} is written; rerun evaluate when it answers"
+    run_file = runs.read_run_file(model_dir, then=kept)
     with runs.reopened_run(run_file["run_id"], then=kept):
         # Tags, not params: params are immutable and a cached training run may be re-evaluated.
         runs.set_tags({k: str(v) for k, v in flatten(cfg, "evaluate").items()})
@@ -87,7 +109,7 @@ METRIC_UNSAFE = re.compile(r"[^\w.-]")  # characters MLflow metric names may not
 
 def run_segmentation(
     cfg: EvaluateConfig,
-    card: dict,
+    inputs: Inputs,
     prepared_dir: Path,
     model_dir: Path,
     metrics_dir: Path,
@@ -96,13 +118,12 @@ def run_segmentation(
     """mIoU, Dice, pixel and mean class accuracy over the test split (and the same over the
     val split as `eval_val_*`: benchmarks such as CamVid report val); per-class IoU table,
     examples of predictions next to ground truth; logged to the training run."""
-    from pipeline.models.saved import load_trained_model
     from pipeline.scoring import plots
     from pipeline.scoring.metrics import segmentation_report
     from pipeline.scoring.predictions import segment_split
 
+    card, model = inputs.card, inputs.model
     classes = card["classes"]
-    model = load_trained_model(model_dir)
     cm, (images, masks, preds) = segment_split(model, prepared_dir, "test", cfg.batch_size, card)
     report = segmentation_report(cm, classes)
     per_class = report.pop("per_class")
@@ -137,7 +158,9 @@ def run_segmentation(
         for name, v in per_class.items()
         if v["iou"] is not None
     }
-    return record(cfg, report, per_class, files, model_dir, metrics_dir, plots_dir, per_class_iou)
+    return record(
+        cfg, report, per_class, files, inputs, model_dir, metrics_dir, plots_dir, per_class_iou
+    )
 
 
 def _cell(value: float | None) -> str:

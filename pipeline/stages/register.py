@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pipeline.artifacts import read_json
 from pipeline.atomic import write_json
 from pipeline.config import RegisterConfig
-from pipeline.errors import DataError
 from pipeline.layout import METRICS_DIR, MODEL_DIR
 
 
@@ -17,12 +16,10 @@ def run(
     """Register the evaluated model of this pipeline run; alias `challenger` points at it."""
     from pipeline.tracking import model_registry, runs
 
-    run_file = runs.read_run_file(model_dir)
-    eval_path = metrics_dir / "eval.json"
-    try:
-        metrics = json.loads(eval_path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{eval_path} not found; run `python -m pipeline evaluate` first") from None
+    run_file = runs.read_run_file(
+        model_dir, then="nothing new is registered; rerun register when it answers"
+    )
+    metrics = read_json(metrics_dir / "eval.json")
     version = model_registry.register(run_file, cfg.model_name, metrics=metrics)
     record = {
         "name": cfg.model_name,

@@ -71,13 +71,11 @@ def run(
         "data_source_sha256": card["source"].get("sha256", ""),
         **({"grid": mlflow_cfg.grid} if mlflow_cfg.grid else {}),
     }
-    # Before the run starts: a checkpoint of other params must not continue its run,
+    # Before the run starts: a checkpoint of other params (or damaged) must not continue its run,
     # and the interrupted run it belonged to is closed as FAILED rather than left RUNNING.
     abandoned = reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
     if abandoned:
-        runs.fail_abandoned_run(
-            abandoned, "interrupted; not resumed because params or data changed since"
-        )
+        runs.fail_abandoned_run(abandoned.run_id, abandoned.reason)
     with (
         # the store failing mid-training: one line; the checkpoint stays for the rerun
         store.reaching_the_store(

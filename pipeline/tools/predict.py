@@ -95,10 +95,15 @@ def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):
         from pipeline.tracking import logged_models
 
         return logged_models.load_logged_model(model_uri, key="predict --model")
+    from pipeline.artifacts import check_card_fits_model
     from pipeline.data.data_card import read_card
-    from pipeline.models.saved import load_trained_model
+    from pipeline.layout import data_card_file
+    from pipeline.models.saved import MODEL_FILE, load_trained_model
 
-    return load_trained_model(model_dir), read_card(prepared_dir)
+    card = read_card(prepared_dir)
+    model = load_trained_model(model_dir)
+    check_card_fits_model(card, data_card_file(prepared_dir), model, model_dir / MODEL_FILE)
+    return model, card
 
 
 def _write_masks(mask: np.ndarray, classes: list[str], stem: Path) -> None:

@@ -10,12 +10,11 @@ train therefore keeps pointing at the run that produced the cached model.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.artifacts import damaged, read_json
 from pipeline.layout import MODEL_DIR
 from pipeline.redact import mask_uri, masked
 from pipeline.tracking.store import (
@@ -96,12 +95,29 @@ def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:
     )
 
 
-def read_run_file(model_dir: Path = MODEL_DIR) -> dict[str, str]:
+def read_run_file(model_dir: Path = MODEL_DIR, *, then: str | None = None) -> dict[str, str]:
+    """train's record of its run (`data/model/mlflow_run.json`): missing or damaged, a
+    DataError naming it. With `then`, the run must also be in the tracking store (a file
+    from another store, or a deleted run, is refused by name); the store's own errors end
+    with `then`, as `reaching_the_store` words them."""
     path = model_dir / RUN_FILE.name
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found; run `python -m pipeline train` first") from None
+    record = read_json(path, {"run_id": str, "model_uri": str})
+    if then is None:
+        return record
+    from mlflow.exceptions import MlflowException
+
+    with reaching_the_store(then):
+        try:
+            mlflow_client().get_run(record["run_id"])
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise damaged(
+                path,
+                f"names MLflow run {record['run_id']}, which the tracking store "
+                f"{mask_uri(tracking_uri())} does not hold (another store's, or deleted)",
+            ) from None
+    return record
 
 
 def epoch_logger():

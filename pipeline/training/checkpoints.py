@@ -15,11 +15,15 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 
+from pipeline.artifacts import check_hdf5, read_json, read_text
 from pipeline.atomic import atomic_dir, atomic_file, write_text
 from pipeline.config import AugmentConfig, ModelConfig, TrainConfig, flatten
+from pipeline.errors import DataError
+from pipeline.training.history import HISTORY_FILE, read_history
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -61,14 +65,42 @@ class HistoryLog(keras.callbacks.Callback):
 
 
 RUN_ID_FILE = "mlflow_run_id"  # in the checkpoint dir: the run a resumed training continues
+FINGERPRINT_FILE = "fingerprint.json"
+BACKUP_WEIGHTS, BACKUP_METADATA = "latest.weights.h5", "training_metadata.json"  # Keras's names
+
+
+class Abandoned(NamedTuple):
+    """An interrupted training whose checkpoint was dropped: its run will never resume."""
+
+    run_id: str
+    reason: str
 
 
 def backed_up_epoch(backup_dir: Path) -> int:
     """The epoch a `keras.callbacks.BackupAndRestore` in `backup_dir` will resume at (0: none)."""
-    metadata = backup_dir / "training_metadata.json"
+    metadata = backup_dir / BACKUP_METADATA
     if not metadata.exists():
         return 0
-    return int(json.loads(metadata.read_text()).get("epoch", 0))
+    return read_json(metadata, {"epoch": int})["epoch"]
+
+
+def checkpoint_damage(checkpoint_dir: Path) -> str | None:
+    """What is wrong with the checkpoint in `checkpoint_dir` (one line naming the file), or
+    None when every file of it reads back whole: resuming must never read half a backup."""
+    try:
+        read_text(checkpoint_dir / FINGERPRINT_FILE)
+        if (checkpoint_dir / RUN_ID_FILE).exists():
+            read_text(checkpoint_dir / RUN_ID_FILE)
+        if (checkpoint_dir / HISTORY_FILE).exists():
+            read_history(checkpoint_dir / HISTORY_FILE)
+        for done in sorted(checkpoint_dir.glob("phase*.weights.h5")):
+            check_hdf5(done)
+        for backup in sorted(checkpoint_dir.glob("backup_phase*")):
+            backed_up_epoch(backup)
+            check_hdf5(backup / BACKUP_WEIGHTS)  # Keras resumes the epoch even without them
+    except DataError as exc:
+        return str(exc)
+    return None
 
 
 def reset_stale_checkpoint(
@@ -77,12 +109,16 @@ def reset_stale_checkpoint(
     cfg: TrainConfig,
     card: dict,
     augment_cfg: AugmentConfig,
-) -> str | None:
-    """Keep `checkpoint_dir` only if it was made by this exact config and data.
+) -> Abandoned | None:
+    """Keep `checkpoint_dir` only if it was made by this exact config and data, and reads
+    back whole.
 
-    Resuming is for a run that was interrupted, not for one whose params or data
-    changed since: that one starts over. Returns the MLflow run id of the
-    interrupted training whose checkpoint was dropped, if any (it will never resume).
+    Resuming is for a run that was interrupted, not for one whose params or data changed
+    since: that one starts over. So does one whose checkpoint is damaged (cut, garbled or
+    unreadable), with one warning line naming the file: the checkpoint is scratch state,
+    not a DVC output, and starting over loses only time, while refusing would leave the
+    user to delete the folder by hand. Returns the MLflow run of the interrupted training
+    whose checkpoint was dropped, if any (it will never resume), and why.
     """
     fingerprint = json.dumps(
         {
@@ -93,15 +129,44 @@ def reset_stale_checkpoint(
         },
         sort_keys=True,
     )
-    stamp = checkpoint_dir / "fingerprint.json"
-    abandoned = None
-    if stamp.exists() and stamp.read_text() != fingerprint:
-        run_file = checkpoint_dir / RUN_ID_FILE
-        abandoned = run_file.read_text().strip() if run_file.exists() else None
-        print(
-            f"train: {checkpoint_dir} is from other params or data; starting over", file=sys.stderr
-        )
-        shutil.rmtree(checkpoint_dir)
+    stamp = checkpoint_dir / FINGERPRINT_FILE
+    dropped = None
+    if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+        damage = checkpoint_damage(checkpoint_dir)
+        if damage:
+            print(f"warning: train: {damage}; starting over", file=sys.stderr)
+            why = "its checkpoint is damaged"
+        elif read_text(stamp) != fingerprint:
+            print(
+                f"train: {checkpoint_dir} is from other params or data; starting over",
+                file=sys.stderr,
+            )
+            why = "params or data changed since"
+        else:
+            why = None
+        if why:
+            run_id = _readable_run_id(checkpoint_dir / RUN_ID_FILE)
+            dropped = (
+                Abandoned(run_id, f"interrupted; not resumed because {why}") if run_id else None
+            )
+            _remove(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_text(stamp, fingerprint)
-    return abandoned
+    return dropped
+
+
+def _readable_run_id(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remove(checkpoint_dir: Path) -> None:
+    try:
+        shutil.rmtree(checkpoint_dir)
+    except OSError as exc:
+        raise DataError(
+            f"train: cannot remove {checkpoint_dir} to start over ({exc.strerror or exc}); "
+            "delete it and rerun train"
+        ) from None

@@ -5,20 +5,22 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from pipeline.artifacts import damaged, read_csv
 from pipeline.atomic import atomic_file
 
 HISTORY_FILE = "history.csv"
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
-    """Per-epoch history from the CSV log; the last row wins for an epoch run twice (resume)."""
-    rows: dict[int, dict[str, str]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows[int(row["epoch"])] = row
+    """Per-epoch history from the CSV log; the last row wins for an epoch run twice (resume).
+    A missing, cut or garbled file is a DataError naming it."""
+    table = read_csv(path, columns=("epoch",))
+    if not all(row["epoch"].is_integer() and row["epoch"] >= 0 for row in table):
+        raise damaged(path, "has an 'epoch' that is not a whole number")
+    rows = {int(row["epoch"]): row for row in table}
     keys = [k for k in next(iter(rows.values())) if k != "epoch"] if rows else []
     history = {"epoch": [e + 1 for e in sorted(rows)]}
-    history.update({k: [float(rows[e][k]) for e in sorted(rows)] for k in keys})
+    history.update({k: [rows[e][k] for e in sorted(rows)] for k in keys})
     return history
 
 
