@@ -6,47 +6,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.artifacts import damaged, read_json
+from pipeline.data.listing import class_images, image_mask_pairs
 from pipeline.errors import DataError
-from pipeline.layout import IGNORED_DIRS, IMAGE_SUFFIXES
 
 
 def list_images(raw_dir: Path) -> dict[str, list[tuple[Path, str]]]:
-    """Map split name ("all" when the archive has no splits) to (image path, class name).
+    """Map split name ("all" when the archive has no splits) to (image path, class name),
+    by the rule fetch counted them with (`listing.class_images`): every image under a
+    class folder, its subfolders included; a class folder without images is refused."""
+    found: dict[str, list[tuple[Path, str]]] = {}
+    for split, root in split_roots(raw_dir, read_source(raw_dir)).items():
+        per_class = class_images(root, "prepare")
+        found[split] = [(path, name) for name, paths in per_class.items() for path in paths]
+    return found
 
-    A class folder without images is an error, not skipped: dropping it would give every
-    class after it another label. Hidden folders and files are not data (as in fetch).
-    """
-    source = read_source(raw_dir)
+
+def split_roots(raw_dir: Path, source: dict) -> dict[str, Path]:
+    """Split name -> its folder in data/raw ("all": data/raw itself when unsplit)."""
     splits = source.get("splits") or []
     roots = {s: raw_dir / s for s in splits} if splits else {"all": raw_dir}
-    found: dict[str, list[tuple[Path, str]]] = {}
-    for split, root in roots.items():
+    for root in roots.values():
         if not root.is_dir():
             raise DataError(
                 f"prepare: split folder {root} is missing ({raw_dir / 'source.json'} lists it); "
                 "rerun `python -m pipeline fetch`"
             )
-        items = []
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
-            images = [
-                (path, class_dir.name)
-                for path in sorted(class_dir.iterdir())
-                if path.is_file() and _visible(path) and path.suffix.lower() in IMAGE_SUFFIXES
-            ]
-            if not images:
-                raise DataError(
-                    f"prepare: class folder {class_dir} has no images "
-                    f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some or remove the folder"
-                )
-            items += images
-        if not items:
-            raise DataError(f"prepare: no images under {root}")
-        found[split] = items
-    return found
-
-
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".") and path.name not in IGNORED_DIRS
+    return roots
 
 
 def read_source(raw_dir: Path) -> dict:
@@ -59,39 +44,30 @@ def read_source(raw_dir: Path) -> dict:
 
 
 def without_corrupt(
-    found: dict[str, list[tuple[Path, str]]], corrupt: set[Path]
+    found: dict[str, list[tuple[Path, str]]], corrupt: set[Path], roots: dict[str, Path]
 ) -> dict[str, list[tuple[Path, str]]]:
-    """`found` less the corrupt files; a class folder left without images is refused, as
-    an empty one is."""
+    """`found` less the corrupt files; a class left without images is refused, as an
+    empty class folder is (its images may sit in subfolders: the class is what counts).
+    `roots` are the split folders (`split_roots`)."""
     kept = {}
     for split, items in found.items():
         kept[split] = [(path, name) for path, name in items if path not in corrupt]
-        emptied = sorted({p.parent for p, _ in items} - {p.parent for p, _ in kept[split]})
+        emptied = sorted({name for _, name in items} - {name for _, name in kept[split]})
         if emptied:
             raise DataError(
-                f"prepare: every image in class folder {emptied[0]} is corrupt; "
+                f"prepare: every image in class folder {roots[split] / emptied[0]} is corrupt; "
                 "replace them or remove the folder"
             )
     return kept
 
 
 def list_pairs(raw_dir: Path, source: dict) -> dict[str, list[tuple[Path, Path]]]:
-    """Map split name ("all" when unsplit) to (image, mask) paths paired by file stem."""
-    splits = source.get("splits") or []
-    roots = {s: raw_dir / s for s in splits} if splits else {"all": raw_dir}
-    found = {}
-    for split, root in roots.items():
-        masks = {
-            p.stem: p for p in (root / "masks").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        }
-        images = sorted(
-            p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        missing = [p.name for p in images if p.stem not in masks]
-        if missing or not images:
-            raise DataError(f"prepare: {root} has images without masks: {missing[:3]}")
-        found[split] = [(p, masks[p.stem]) for p in images]
-    return found
+    """Map split name ("all" when unsplit) to (image, mask) paths, paired as fetch paired
+    them (`listing.image_mask_pairs`)."""
+    return {
+        split: image_mask_pairs(root, "prepare")
+        for split, root in split_roots(raw_dir, source).items()
+    }
 
 
 def without_corrupt_pairs(

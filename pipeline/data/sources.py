@@ -18,8 +18,14 @@ from PIL import Image
 
 from pipeline.config import FetchConfig
 from pipeline.data.archive import archive_kind, archive_name, download, safe_extract
+from pipeline.data.listing import (
+    class_images,
+    has_image_suffix,
+    image_mask_pairs,
+    is_data,
+    refuse_loose_images,
+)
 from pipeline.errors import DataError
-from pipeline.layout import IGNORED_DIRS, IMAGE_SUFFIXES
 from pipeline.redact import mask_uri
 
 # Folder names that mean "split layout", and the name each one is written as.
@@ -121,6 +127,7 @@ def fetch_archive(cfg: FetchConfig, work: Path) -> dict:
     extracted = work / ".extracted"
     safe_extract(archive, extracted, label=cfg.url)
     archive.unlink()
+    _copy_linked_files(extracted)
     layout = _read_layout(_dataset_root(extracted), extracted, cfg.url)
     _move_layout(layout, work)
     shutil.rmtree(extracted)
@@ -140,29 +147,25 @@ def fetch_archive(cfg: FetchConfig, work: Path) -> dict:
 
 def _visible_dirs(folder: Path) -> list[Path]:
     """Subfolders, minus hidden ones and macOS zip litter (__MACOSX)."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS
-    )
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return sorted(p for p in folder.iterdir() if p.is_dir() and is_data(p.name))
 
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly inside `folder`."""
-    return [p for p in folder.iterdir() if p.is_file() and _is_image(p)]
+    return [p for p in folder.iterdir() if p.is_file() and is_data(p.name) and has_image_suffix(p)]
 
 
-def _count_images(folder: Path) -> int:
-    """Image files anywhere under `folder` (hidden folders skipped)."""
-    count = 0
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in IGNORED_DIRS]
-        count += sum(1 for f in filenames if _is_image(Path(dirpath, f)))
-    return count
+def _copy_linked_files(extracted: Path) -> None:
+    """Each link to a file (safe_extract kept only links inside the archive) replaced by
+    a copy of the file: once the class folders move into data/raw, a link to a file
+    left behind would point at nothing, counted here and missing at prepare."""
+    for dirpath, _, filenames in os.walk(extracted):
+        for name in filenames:
+            link = Path(dirpath, name)
+            if link.is_symlink() and link.is_file():
+                target = link.resolve()
+                link.unlink()
+                shutil.copy2(target, link)
 
 
 def _dataset_root(top: Path) -> Path:
@@ -182,7 +185,12 @@ def _dataset_root(top: Path) -> Path:
 def _shown(folder: Path, top: Path, url: str) -> str:
     """A folder as the user knows it: its path inside the archive, and the archive."""
     rel = folder.relative_to(top).as_posix()
-    return f"the top level of {url}" if rel == "." else f"{rel}/ (in {url})"
+    slash = "/" if folder.is_dir() else ""
+    return f"the top level of {url}" if rel == "." else f"{rel}{slash} (in {url})"
+
+
+def _shower(top: Path, url: str):
+    return lambda path: _shown(path, top, url)
 
 
 def _read_layout(root: Path, top: Path, url: str) -> Layout:
@@ -190,11 +198,20 @@ def _read_layout(root: Path, top: Path, url: str) -> Layout:
     dirs = _visible_dirs(root)
     if not dirs:
         raise DataError(f"fetch: no class folders found at {_shown(root, top, url)}")
-    _refuse_loose_images(root, top, url)
+    shown = _shower(top, url)
+    refuse_loose_images(root, "fetch", shown)
     if _has_masks(root) or all(d.name.lower() in SPLIT_NAMES and _has_masks(d) for d in dirs):
         return _read_mask_layout(root, dirs, top, url)
-    if all(d.name.lower() in SPLIT_NAMES for d in dirs):
+    split_dirs = [d.name for d in dirs if d.name.lower() in SPLIT_NAMES]
+    if len(split_dirs) == len(dirs):
         return _read_split_layout(root, dirs, top, url)
+    if split_dirs:  # read as classes, `train` would be a class holding every class
+        others = [d.name for d in dirs if d.name.lower() not in SPLIT_NAMES]
+        raise DataError(
+            f"fetch: {shown(root)} has split folders ({', '.join(split_dirs)}) beside other "
+            f"folders ({', '.join(others)}); expected <split>/<class>/<image> or "
+            "<class>/<image> only"
+        )
     classes, count = _read_classes(root, top, url)
     return Layout(root, {d.name: d for d in dirs}, False, classes, count)
 
@@ -225,27 +242,8 @@ def _read_mask_layout(root: Path, dirs: list[Path], top: Path, url: str) -> Layo
     )
     total = 0
     for folder in [*folders.values()] if split else [root]:
-        images = {p.stem: p for p in _images_in(folder / "images")}
-        masks = {p.stem: p for p in _images_in(folder / "masks")}
-        if not images:
-            raise DataError(f"fetch: {_shown(folder / 'images', top, url)} has no images")
-        unpaired = sorted(set(images) ^ set(masks))
-        if unpaired:
-            name = unpaired[0]
-            kind, other = ("image", "masks") if name in images else ("mask", "images")
-            raise DataError(
-                f"fetch: {kind} {name!r} in {_shown(folder, top, url)} has no match in {other}/"
-            )
-        total += len(images)
+        total += len(image_mask_pairs(folder, "fetch", _shower(top, url)))
     return Layout(root, folders, split, classes, total, task="segmentation")
-
-
-def _refuse_loose_images(folder: Path, top: Path, url: str) -> None:
-    if _images_in(folder):
-        raise DataError(
-            f"fetch: {_shown(folder, top, url)} holds image files outside class folders "
-            "(expected <class>/<image> or <split>/<class>/<image>)"
-        )
 
 
 def _read_split_layout(root: Path, dirs: list[Path], top: Path, url: str) -> Layout:
@@ -262,7 +260,6 @@ def _read_split_layout(root: Path, dirs: list[Path], top: Path, url: str) -> Lay
     per_split = {}
     total = 0
     for name, folder in sorted(splits.items()):
-        _refuse_loose_images(folder, top, url)
         per_split[name], count = _read_classes(folder, top, url)
         total += count
     _check_same_classes(per_split, root, top, url)
@@ -271,22 +268,15 @@ def _read_split_layout(root: Path, dirs: list[Path], top: Path, url: str) -> Lay
 
 
 def _read_classes(folder: Path, top: Path, url: str) -> tuple[list[str], int]:
-    """Sorted class names under `folder` and their image count; each class needs images."""
-    dirs = _visible_dirs(folder)
-    if not dirs:
-        raise DataError(f"fetch: no class folders found at {_shown(folder, top, url)}")
-    total = 0
-    for class_dir in dirs:
-        count = _count_images(class_dir)
-        if count == 0:
-            raise DataError(f"fetch: class folder {_shown(class_dir, top, url)} has no images")
-        total += count
-    if len(dirs) < 2:
+    """Sorted class names under `folder` and their image count, as prepare will read them
+    (`listing.class_images`); each class needs images."""
+    found = class_images(folder, "fetch", _shower(top, url))
+    if len(found) < 2:
         raise DataError(
-            f"fetch: {_shown(folder, top, url)} has only one class folder ({dirs[0].name}); "
+            f"fetch: {_shown(folder, top, url)} has only one class folder ({next(iter(found))}); "
             "a classifier needs at least 2"
         )
-    return sorted(d.name for d in dirs), total
+    return sorted(found), sum(len(images) for images in found.values())
 
 
 def _check_same_classes(per_split: dict[str, list[str]], root: Path, top: Path, url: str) -> None:

@@ -33,6 +33,7 @@ from pipeline.data.folders import (
     list_images,
     list_pairs,
     read_source,
+    split_roots,
     without_corrupt,
     without_corrupt_pairs,
 )
@@ -63,7 +64,7 @@ def run(cfg: PrepareConfig, raw_dir: Path = RAW_DIR, out_dir: Path = PREPARED_DI
             [path for items in found.values() for path, _ in items],
             lambda path: load_image(path, cfg.height_width, cfg.channels),
         )
-        found = without_corrupt(found, set(skipped))
+        found = without_corrupt(found, set(skipped), split_roots(raw_dir, source))
     splits = assign_splits(found, classes, cfg)
     card = {
         "task": "classification",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import class_files, make_tar, make_zip, mask_files, png_bytes, symlink
+from conftest import class_files, jpeg_bytes, make_tar, make_zip, mask_files, png_bytes, symlink
 from PIL import Image
 
 from pipeline.config import FetchConfig
@@ -461,3 +461,98 @@ def test_password_in_the_url_is_sent_as_basic_auth_and_stored_nowhere(
         f"error: fetch: {server.url.replace('//', '//bob:***@')}/private/pets.tar.gz?token=*** "
         "answered HTTP 401 (Unauthorized)"
     )
+
+
+# ------------------------------------------------------------------ fetch counts, prepare reads
+
+
+def folder_member(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+DISAGREEING_LAYOUTS = {
+    # images in a subfolder of a class folder belong to the class (Keras, torchvision)
+    "subfolder": ({"cat/indoor/8.png": png_bytes(1), "dog/a/b/8.png": png_bytes(2)}, [], 18),
+    # suffixes in any case
+    "upper-case-suffix": ({"cat/8.PNG": png_bytes(3), "dog/8.JPG": jpeg_bytes(1)}, [], 18),
+    # a folder named like an image is a subfolder
+    "folder-named-like-an-image": ({"cat/album.png/8.png": png_bytes(4)}, [], 17),
+    # a link to an image that stays behind when the class folders move into data/raw
+    "link-to-a-hidden-file": (
+        {".cache/8.png": png_bytes(5)},
+        [symlink("cat/8.png", "../.cache/8.png")],
+        17,
+    ),
+    # hidden files and macOS litter are not data, for fetch and prepare alike
+    "hidden": ({"cat/._0.png": b"\x00\x05\x16\x07", "dog/.thumbs/8.png": png_bytes(6)}, [], 16),
+}
+
+
+@pytest.mark.parametrize("layout", DISAGREEING_LAYOUTS)
+def test_every_image_fetch_counts_is_an_image_prepare_reads(tmp_path, layout):
+    """source.json's num_images is what the data card's splits hold, image for image: a
+    class folder's images are all the image files under it, in subfolders too."""
+    from pipeline.config import PrepareConfig
+    from pipeline.stages import prepare
+
+    files, extra, expected = DISAGREEING_LAYOUTS[layout]
+    archive = make_tar(tmp_path / "pets.tar", class_files(per_class=8) | files, extra)
+    info = fetch.run(archive_cfg(str(archive)), tmp_path / "raw")
+    card = prepare.run(PrepareConfig(image_size=8), tmp_path / "raw", tmp_path / "prepared")
+    assert info["num_images"] == expected
+    assert sum(card["totals"].values()) == expected
+    assert not [p for p in (tmp_path / "raw").rglob("*") if p.is_symlink()]
+
+
+def test_segmentation_images_in_subfolders_pair_with_masks_at_the_same_path(tmp_path):
+    """`images/a/1.jpg` pairs with `masks/a/1.png`; hidden files are no image for either
+    stage; every pair fetch counts is one prepare reads."""
+    from pipeline.config import PrepareConfig
+    from pipeline.stages import prepare
+
+    files = mask_files(per_split=4)
+    for split in ("train/", "val/"):
+        for i in range(2):
+            files[f"{split}images/seq{i}/{i:03d}.png"] = png_bytes(i)
+            files[f"{split}masks/seq{i}/{i:03d}.png"] = png_bytes(i % 3)
+        files[f"{split}images/._000.png"] = b"\x00\x05\x16\x07 AppleDouble"
+    archive = make_tar(tmp_path / "seg.tar", files)
+    info = fetch.run(FetchConfig(source="archive", url=str(archive)), tmp_path / "raw")
+    card = prepare.run(PrepareConfig(image_size=8), tmp_path / "raw", tmp_path / "prepared")
+    assert info["num_images"] == 12
+    assert card["totals"] == {"train": 5, "val": 6, "test": 1}  # test carved from train
+
+
+@pytest.mark.parametrize(
+    ("files", "extra", "error"),
+    [
+        pytest.param(
+            mask_files() | {"train/images/000.jpg": jpeg_bytes(0)},
+            [],
+            r"fetch: train/images/000.jpg \(in .*\) and 000.png are one name twice",
+            id="image-twice",
+        ),
+        pytest.param(
+            class_files(per_class=8),
+            [folder_member("cat/more"), symlink("cat/more/dogs", "../../dog")],
+            r"fetch: cat/more/dogs/ \(in .*\) is a link to a folder; put the folder itself",
+            id="link-to-a-folder",
+        ),
+        pytest.param(
+            class_files("train/") | class_files("test/") | class_files("extra/"),
+            [],
+            r"fetch: the top level of .* has split folders \(test, train\) beside other "
+            r"folders \(extra\)",
+            id="splits-beside-classes",
+        ),
+    ],
+)
+def test_images_fetch_cannot_place_are_refused_by_name(tmp_path, files, extra, error):
+    """What used to be counted by one stage and dropped by the other, or read as a class:
+    one line naming it, and no data/raw."""
+    archive = make_tar(tmp_path / "data.tar", files, extra)
+    with pytest.raises(DataError, match=error):
+        fetch.run(FetchConfig(source="archive", url=str(archive)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()

@@ -176,6 +176,55 @@ def test_archive_splits_are_kept(tmp_path: Path) -> None:
     assert card["counts"]["val"] == {"cat": 5, "dog": 5}
 
 
+@pytest.mark.parametrize("small", [1, 2, 3])
+def test_a_class_too_small_for_the_default_fractions_is_refused(tmp_path: Path, small) -> None:
+    """With 3 images (or fewer) of a class, the default 15 % val and test carve none of it:
+    refused, naming the split, the class, its count and the count it needs; with that
+    count, every split gets the class."""
+    raw = tmp_path / "raw"
+    make_folder(raw, {"a": 30, "b": 30, "c": small})
+    write_source(raw, ["a", "b", "c"], 60 + small, [])
+    with pytest.raises(DataError) as err:
+        prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert str(err.value) == (
+        f"prepare: split test would have no image of class 'c': it has {small} image(s) in "
+        "all, and carving stratified splits (prepare.test_fraction 0.15, "
+        "prepare.val_fraction 0.15) from them needs at least 5; add images of 'c' or raise "
+        "the fraction"
+    )
+    assert not (tmp_path / "prepared").exists()
+
+    shutil.rmtree(raw / "c")
+    make_folder(raw, {"c": 5}, start=100)
+    card = prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert all(card["counts"][split]["c"] >= 1 for split in SPLITS)
+
+
+def test_a_given_split_without_a_class_is_refused(tmp_path: Path) -> None:
+    """The data's own test/ split lacks a class train has: refused naming both, not a
+    test split that silently scores one class fewer."""
+    raw = tmp_path / "raw"
+    make_folder(raw / "train", {"a": 20, "b": 20, "c": 20})
+    make_folder(raw / "test", {"a": 4, "b": 4}, start=1000)
+    write_source(raw, ["a", "b", "c"], 68, ["test", "train"])
+    with pytest.raises(DataError) as err:
+        prepare.run(PrepareConfig(image_size=8), raw, tmp_path / "prepared")
+    assert str(err.value) == (
+        "prepare: split test (the data's own test/ folder) has no images of class 'c' "
+        "(20 in train); it needs at least 1: add some to test/c/ and rerun fetch"
+    )
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_fraction_of_zero_leaves_its_split_empty(tmp_path: Path) -> None:
+    """prepare.val_fraction: 0 asks for no val split: no class is missing from it."""
+    raw = tmp_path / "raw"
+    make_folder(raw, {"a": 10, "b": 10})
+    write_source(raw, ["a", "b"], 20, [])
+    card = prepare.run(PrepareConfig(image_size=8, val_fraction=0), raw, tmp_path / "prepared")
+    assert card["totals"] == {"train": 17, "val": 0, "test": 3}
+
+
 # --------------------------------------------------------------------------- data card
 
 

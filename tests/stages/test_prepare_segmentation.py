@@ -140,7 +140,7 @@ def test_image_without_a_mask_is_refused_naming_it(tmp_path):
     write_pairs(raw, stripes(4, void=255))
     (raw / "masks" / "002.png").unlink()
     write_source(raw, ["a", "b", "c"], [], ignore_index=255)
-    with pytest.raises(DataError, match=r"has images without masks: .*002"):
+    with pytest.raises(DataError, match=r"^prepare: image '002' in .*raw has no match in masks/$"):
         prepare.run(PrepareConfig(image_size=12, test_fraction=0.25), raw, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
 
