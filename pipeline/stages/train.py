@@ -13,6 +13,7 @@ from pipeline.layout import CHECKPOINT_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR
 from pipeline.models.saved import MODEL_FILE
 from pipeline.training.fit import NO_AUGMENT, TrainResult, check_batch_size, fit_model
 from pipeline.training.history import HISTORY_FILE, write_history
+from pipeline.training.parent_watch import stop_with_dvc
 
 
 def run(
@@ -77,6 +78,8 @@ def run(
     if abandoned:
         runs.fail_abandoned_run(abandoned.run_id, abandoned.reason)
     with (
+        # `dvc repro` killed: stop too (the next repro resumes), not train on unrecorded
+        stop_with_dvc("train"),
         # the store failing mid-training: one line; the checkpoint stays for the rerun
         store.reaching_the_store(
             "training stopped; rerun train to resume at its last epoch", file_errors=False
