@@ -172,6 +172,11 @@ def check_backend_store(uri: str) -> None:
             folder = Path(path[1:]).parent
             if not folder.is_dir():
                 raise ConfigError(f"--backend-store-uri {uri}: folder {folder} does not exist")
+            from pipeline.tracking import store  # a damaged file, or one MLflow would empty
+
+            problem = store.sqlite_file_problem(Path(path[1:]), store.artifact_folder(uri))
+            if problem:
+                raise ConfigError(f"--backend-store-uri {uri}: {problem}")
 
 
 def check_postgres(uri: str) -> None:

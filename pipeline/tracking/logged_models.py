@@ -4,12 +4,13 @@ by URI: `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/model`."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.redact import masked
-from pipeline.tracking.store import connect
+from pipeline.tracking.store import connect, reaching_the_store
 
 
 def log_model(model, *, card: dict) -> str:
@@ -74,31 +75,93 @@ def load_keras_model(model_uri: str, *, key: str = "train.init_from"):
     return load_logged_model(model_uri, key=key)[0]
 
 
-def load_logged_model(model_uri: str, *, key: str) -> tuple[Any, dict]:
-    """(Keras model, data card) of a model logged by training."""
+def load_logged_model(model_uri: str, *, key: str, then: str = "") -> tuple[Any, dict]:
+    """(Keras model, data card) of a model logged by training, loaded as serving loads it.
+
+    Its files are downloaded through MLflow to a temporary folder (so a remote server's
+    too), checked against its MLmodel, and loaded by the pyfunc (the Keras file in safe
+    mode). A URI that does not resolve, a missing or damaged file, is a one-line
+    ConfigError naming `key`, the URI and the file; a store that fails, one naming the
+    store and ending with `then`. The registry checks models this way before an alias
+    moves (`model_registry`).
+    """
+    import tempfile
+
     from pipeline.errors import ConfigError
     from pipeline.serving.image_model import ImageModel
 
     mlflow = connect()
-    with _naming_the_uri(model_uri, key):
-        loaded = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    with tempfile.TemporaryDirectory(prefix="logged-model-") as tmp:
+        with reaching_the_store(then), _naming_the_uri(model_uri, key):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        absent = _missing_file(local)
+        if absent:
+            raise ConfigError(
+                f"{key} {model_uri!r}: the logged model's file {absent} is missing from the "
+                "tracking store's artifacts (deleted?); log it again: `dvc repro -f train`"
+            )
+        with _naming_the_uri(model_uri, key, local=local):
+            loaded = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
     if not isinstance(loaded, ImageModel):
         raise ConfigError(f"{key} {model_uri!r}: not a model logged by this pipeline")
     return loaded.keras_model, loaded.card
 
 
+def _missing_file(local: Path) -> str | None:
+    """The first file the logged model in `local` lacks (MLmodel, then those it lists)."""
+    import yaml
+
+    if not (local / "MLmodel").is_file():
+        return "MLmodel"
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        needed = [entry["path"] for entry in flavor.get("artifacts", {}).values()]
+        if flavor.get("model_code_path"):
+            needed.append(Path(flavor["model_code_path"]).name)
+        if flavor.get("code"):
+            needed.append(flavor["code"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None  # a damaged MLmodel: the load says how
+    return next((name for name in needed if not (local / name).exists()), None)
+
+
+# MLflow's error codes for a URI that names nothing: no such model, version, alias or run
+_NOT_RESOLVED = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 @contextlib.contextmanager
-def _naming_the_uri(model_uri: str, key: str) -> Iterator[None]:
-    """MLflow's and the file system's errors about `model_uri` as one-line ConfigErrors."""
+def _naming_the_uri(model_uri: str, key: str, *, local: Path | None = None) -> Iterator[None]:
+    """Errors about `model_uri` as one-line ConfigErrors naming `key`: MLflow's when it
+    does not resolve (the store's own go to `reaching_the_store`) and, while loading its
+    files from `local`, any error of the load, with the file named by its place in the
+    logged model."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.errors import ConfigError
+    from pipeline.errors import ConfigError, PipelineError
+
+    def shown(text: str) -> str:
+        text = text.strip().splitlines()[0] if text.strip() else ""
+        return text.replace(f"{local}/", "").replace(str(local), "the model") if local else text
 
     try:
         yield
+    except PipelineError as exc:
+        if local is None:
+            raise
+        raise ConfigError(f"{key} {model_uri!r}: {shown(str(exc))}") from None
     except MlflowException as exc:
-        text = str(exc).strip()
-        first_line = text.splitlines()[0] if text else type(exc).__name__
-        raise ConfigError(f"{key} {model_uri!r}: {first_line}") from None
+        if local is None and exc.error_code not in _NOT_RESOLVED:
+            raise  # the store's own trouble: damaged, read-only, its server failing
+        raise ConfigError(f"{key} {model_uri!r}: {shown(str(exc)) or exc.error_code}") from None
     except OSError as exc:
-        raise ConfigError(f"{key} {model_uri!r}: {exc.strerror or exc}") from None
+        if local is None:
+            raise
+        where = f" ({shown(os.fsdecode(exc.filename))})" if exc.filename else ""
+        raise ConfigError(f"{key} {model_uri!r}: {exc.strerror or exc}{where}") from None
+    except Exception as exc:  # the load: yaml, cloudpickle, zip, Keras raise many types
+        if local is None:
+            raise
+        reason = shown(str(exc)) or type(exc).__name__
+        raise ConfigError(
+            f"{key} {model_uri!r}: the logged model does not load ({reason})"
+        ) from None

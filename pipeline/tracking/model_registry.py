@@ -7,16 +7,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from pipeline.errors import PipelineError, PromotionRefused
+from pipeline.errors import ConfigError, PipelineError, PromotionRefused
 from pipeline.tracking.store import (
+    StoreProblem,
     connect,
-    machine_lock,
     mlflow_client,
     reaching_the_store,
+    store_lock,
     tracking_uri,
 )
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+# MLflow's error codes for a registered model, version or alias that is not there
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 VERSION_TAGS = ("architecture", "data_hash", "git_commit", "git_dirty", "dvc_experiment")
@@ -26,11 +29,20 @@ def register(run_file: dict[str, str], name: str, *, metrics: dict[str, float]) 
     """Register the run's model as a new version of `name` and alias it `challenger`.
 
     The version carries the test metrics and the run's provenance tags, and a
-    description generated from the run (architecture, size, data, metrics).
+    description generated from the run (architecture, size, data, metrics). The model
+    must load first (`check_loads`): a version whose files are gone would point
+    `challenger` at nothing.
     """
     import mlflow
 
-    with reaching_the_store("nothing new is registered; rerun register when it answers"):
+    kept = "nothing new is registered; rerun register when it answers"
+    check_loads(
+        run_file["model_uri"],
+        f"register: run {run_file['run_id']}'s model",
+        refused="nothing is registered and no alias moved",
+        then=kept,
+    )
+    with reaching_the_store(kept):
         connect()
         client = mlflow_client()
         run = client.get_run(run_file["run_id"])
@@ -66,20 +78,37 @@ def promote(
     Returns (version, champion's figure or None, candidate's figure). A worse
     candidate raises PromotionRefused unless `force`.
     """
-    with _promotion_lock(name), reaching_the_store("no alias was moved"):
+    with reaching_the_store(KEPT), _promotion_lock():
         return _promote(name, version, metric, higher_is_better, force)
 
 
+KEPT = "no alias was moved"
+
+
 @contextlib.contextmanager
-def _promotion_lock(name: str) -> Iterator[None]:
-    """Serialize promotions of `name` in one store on this machine.
+def _promotion_lock() -> Iterator[None]:
+    """Serialize promotions in one store on this machine, whichever users run them.
 
     Promotion reads the champion, compares and moves the alias: two promotes at
     once could both compare against the old champion, and the worse one could
-    land last. A lock file per (store, model) in the temp folder prevents that.
+    land last. A lock per store (`store.store_lock`) prevents that.
     """
-    with machine_lock("promote", f"{tracking_uri()}\0{name}"):
+    with store_lock("promote", tracking_uri()):
         yield
+
+
+def check_loads(model_uri: str, what: str, *, refused: str, then: str) -> None:
+    """Refuse a model that does not load as serving loads it (downloaded through MLflow,
+    Keras safe mode): one line naming `what`, the missing or damaged file, and ending
+    with `refused`. A store that fails meanwhile ends with `then`. One load: seconds."""
+    from pipeline.tracking.logged_models import load_logged_model
+
+    try:
+        load_logged_model(model_uri, key=what, then=then)
+    except StoreProblem:
+        raise
+    except ConfigError as exc:
+        raise PipelineError(f"{exc}; {refused}") from None
 
 
 def _promote(
@@ -95,6 +124,8 @@ def _promote(
             else client.get_model_version_by_alias(name, CHALLENGER)
         )
     except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:
+            raise  # the store failing is not a missing version
         what = f"version {version}" if version else f"alias {CHALLENGER!r}"
         raise PipelineError(
             f"promote: registered model {name!r} has no {what} ({exc.error_code})"
@@ -102,7 +133,9 @@ def _promote(
     new = _version_metric(client, candidate, metric)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:
+            raise  # a store that fails here must not read as "no champion yet"
         champion = None
     old = _version_metric(client, champion, metric) if champion else None
     worse = old is not None and (new < old if higher_is_better else new > old)
@@ -111,6 +144,12 @@ def _promote(
             f"promote: refusing {name} v{candidate.version}: {metric} {new:.4f} is worse than "
             f"champion v{champion.version}'s {old:.4f} (use --force to override)"
         )
+    check_loads(
+        f"models:/{name}/{candidate.version}",
+        f"promote: {name} v{candidate.version} (run {candidate.run_id})",
+        refused=KEPT,
+        then=KEPT,
+    )
     client.set_registered_model_alias(name, CHAMPION, candidate.version)
     return str(candidate.version), old, new
 

@@ -3,6 +3,8 @@ the comparison report and benchmark sweeps as runs of their own."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from pipeline.tracking.store import (
     connect,
     ensure_experiment,
     mlflow_client,
+    reaching_the_store,
     source_tags,
     tracking_uri,
 )
@@ -19,8 +22,8 @@ def log_bench(records: list[dict], files: list[Path], command: str) -> str:
     """A benchmark sweep as a run of experiment `bench`: per-case metrics and the files."""
     import re
 
-    mlflow = connect()
-    with mlflow.start_run(experiment_id=ensure_experiment("bench"), run_name="bench") as run:
+    kept = f"the results are in {', '.join(map(str, files))}, not logged to MLflow"
+    with reaching_the_store(kept), _run("bench", "bench") as (mlflow, run):
         mlflow.set_tags({"command": command, **source_tags()})
         first = records[0] if records else {}
         mlflow.log_params(
@@ -55,6 +58,11 @@ def experiment_runs(experiment: str) -> list[dict[str, Any]]:
     for the CURVES the run logged (accuracy for classifiers, mIoU for segmenters).
     Report runs (made by `compare`) are left out. A missing experiment is a ConfigError.
     """
+    with reaching_the_store("no report was written"):
+        return _experiment_runs(experiment)
+
+
+def _experiment_runs(experiment: str) -> list[dict[str, Any]]:
     from pipeline.errors import ConfigError
 
     client = mlflow_client()
@@ -97,9 +105,16 @@ def experiment_runs(experiment: str) -> list[dict[str, Any]]:
 
 def log_report(experiment: str, report_dir: Path) -> str:
     """Log a comparison report folder as a run of its own in `experiment`; return its id."""
-    mlflow = connect()
-    experiment_id = ensure_experiment(experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="compare") as run:
+    kept = f"the report is in {report_dir}, not logged to MLflow (--no-log skips logging)"
+    with reaching_the_store(kept), _run(experiment, "compare") as (mlflow, run):
         mlflow.set_tags({REPORT_TAG: "true", **source_tags()})
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
         return run.info.run_id
+
+
+@contextlib.contextmanager
+def _run(experiment: str, name: str) -> Iterator[tuple[Any, Any]]:
+    """(mlflow, the active run): a run of its own in `experiment`, ended when done."""
+    mlflow = connect()
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=name) as run:
+        yield mlflow, run

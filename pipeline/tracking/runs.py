@@ -18,6 +18,7 @@ from pipeline.artifacts import damaged, read_json
 from pipeline.layout import MODEL_DIR
 from pipeline.redact import mask_uri, masked
 from pipeline.tracking.store import (
+    StoreProblem,
     connect,
     ensure_experiment,
     mlflow_client,
@@ -25,6 +26,7 @@ from pipeline.tracking.store import (
     source_tags,
     tracking_uri,
     without_secrets,
+    write_problem,
 )
 
 RUN_FILE = MODEL_DIR / "mlflow_run.json"
@@ -49,15 +51,25 @@ def training_run(
     with reaching_the_store("no training started"):
         mlflow = connect()
         experiment_id = ensure_experiment(experiment)
-    previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
-    start = {"run_id": previous} if previous else {"run_name": run_name}
-    with mlflow.start_run(experiment_id=experiment_id, **start) as run:
+        location = mlflow.get_experiment(experiment_id).artifact_location
+        problem = write_problem(location)  # before training, not at logging the model
+        if problem:
+            raise StoreProblem(problem)
+        previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
+        start = {"run_id": previous} if previous else {"run_name": run_name}
+        active = mlflow.start_run(experiment_id=experiment_id, **start)
+        try:
+            resumed = {"resumed": "true"} if previous else {}
+            mlflow.set_tags(without_secrets({**source_tags(), **tags, **resumed}))
+            mlflow.log_params(without_secrets(params))  # identical values may be logged again
+        except BaseException:
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
+            raise
+    with active as run:
         if resume_file:
             resume_file.parent.mkdir(parents=True, exist_ok=True)
             resume_file.write_text(run.info.run_id)
-        resumed = {"resumed": "true"} if previous else {}
-        mlflow.set_tags(without_secrets({**source_tags(), **tags, **resumed}))
-        mlflow.log_params(without_secrets(params))  # identical values may be logged again
         yield run.info.run_id
 
 
@@ -79,11 +91,12 @@ def fail_abandoned_run(run_id: str, reason: str) -> None:
     """Mark an interrupted run that will never be resumed FAILED, with the reason."""
     from mlflow.exceptions import MlflowException
 
-    client = mlflow_client()
-    with contextlib.suppress(MlflowException):  # not in this store: nothing to close
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "failure_reason", reason)
-            client.set_terminated(run_id, "FAILED")
+    with reaching_the_store("no training started"):
+        client = mlflow_client()
+        with contextlib.suppress(MlflowException):  # not in this store: nothing to close
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "failure_reason", reason)
+                client.set_terminated(run_id, "FAILED")
 
 
 def write_run_file(run_id: str, model_uri: str, out_dir: Path) -> None:

@@ -98,7 +98,7 @@ def slow_client():  # widen the gap between reading the champion and moving the 
         move(*args)
     client.set_registered_model_alias = slow_move
     return client
-tracking_store.mlflow_client = slow_client
+model_registry.mlflow_client = slow_client
 go = Path("go")
 while not go.exists():
     time.sleep(0.005)
