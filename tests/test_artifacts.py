@@ -11,6 +11,7 @@ reads it, is tests/e2e/test_artifact_fuzz.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from conftest import ROOT, SHORT_TRAIN, TINY_MODEL, epoch_counter
 
 from pipeline.errors import DataError
-from pipeline.layout import OUTPUTS, PREPARED_DIR, producer
+from pipeline.layout import PREPARED_DIR
 
 
 def _truncated(data: bytes) -> bytes:
@@ -271,6 +272,8 @@ def test_a_well_formed_file_of_the_wrong_shape_is_refused_by_name(project, case)
 def test_every_dvc_output_has_its_stage_in_the_table():
     """layout.OUTPUTS (the rebuild hints) lists each output of dvc.yaml with its stage, and
     whether DVC caches it; nothing else."""
+    from pipeline.layout import OUTPUTS, producer
+
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     declared = {}
     for stage, spec in stages.items():
@@ -434,3 +437,33 @@ def test_training_on_a_cut_backup_starts_over(interrupted, digits_prepared, tmp_
     assert counter.epochs == [0] and result.history["epoch"] == [1]
     warnings = [line for line in capsys.readouterr().err.splitlines() if "starting over" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: train: {weights}: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_an_unreadable_artifact_is_one_line_for_another_user(digits_prepared, monkeypatch):
+    """EACCES (root reads anything, so this process acts as user nobody for the read)."""
+    import pwd
+    import tempfile
+
+    from pipeline.data.data_card import read_card
+
+    nobody = pwd.getpwnam("nobody")
+    root = Path(tempfile.mkdtemp(prefix="unreadable-"))
+    try:
+        root.chmod(0o755)
+        shutil.copytree(digits_prepared, root / "data/prepared")
+        (root / "data/prepared/data_card.json").chmod(0o000)
+        monkeypatch.chdir(root)
+        os.seteuid(nobody.pw_uid)
+        try:
+            with pytest.raises(DataError) as exc:
+                read_card()
+        finally:
+            os.seteuid(0)
+        assert one_line(exc) == (
+            "data/prepared/data_card.json: cannot be read by this user (Permission denied); fix "
+            "its permissions; rebuild it with `dvc repro -f prepare` (or `dvc checkout "
+            "data/prepared/data_card.json` to restore the committed one)"
+        )
+    finally:
+        shutil.rmtree(root)

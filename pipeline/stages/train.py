@@ -33,6 +33,7 @@ def run(
 
     from pipeline.config import check_task
     from pipeline.data.data_card import read_card
+    from pipeline.data.loader import load_split
     from pipeline.models.from_config import check_model
     from pipeline.models.model_card import model_card
     from pipeline.models.saved import inference_copy, model_summary
@@ -42,6 +43,8 @@ def run(
     from pipeline.training.transfer import check_init_from
 
     card = read_card(prepared_dir)
+    for split in ("train", "val"):  # damaged arrays: one line, before a run or checkpoint
+        load_split(prepared_dir, split)
     # Bad input fails here, before an MLflow run or a file is created.
     check_prepared_task(task, card, prepared_dir)
     check_task(task, model_cfg, cfg)
@@ -74,7 +77,9 @@ def run(
     }
     # Before the run starts: a checkpoint of other params (or damaged) must not continue its run,
     # and the interrupted run it belonged to is closed as FAILED rather than left RUNNING.
-    abandoned = reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
+    abandoned = reset_stale_checkpoint(
+        checkpoint_dir, model_cfg, cfg, card, augment_cfg, stamp=False
+    )
     if abandoned:
         runs.fail_abandoned_run(abandoned.run_id, abandoned.reason)
     with (

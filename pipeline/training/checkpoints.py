@@ -109,6 +109,8 @@ def reset_stale_checkpoint(
     cfg: TrainConfig,
     card: dict,
     augment_cfg: AugmentConfig,
+    *,
+    stamp: bool = True,
 ) -> Abandoned | None:
     """Keep `checkpoint_dir` only if it was made by this exact config and data, and reads
     back whole.
@@ -119,6 +121,10 @@ def reset_stale_checkpoint(
     not a DVC output, and starting over loses only time, while refusing would leave the
     user to delete the folder by hand. Returns the MLflow run of the interrupted training
     whose checkpoint was dropped, if any (it will never resume), and why.
+
+    `stamp=False` (train, before its run and the store are reached) only drops: the stamp
+    of this config is written when fitting starts, so a command that fails before leaves
+    no checkpoint folder behind.
     """
     fingerprint = json.dumps(
         {
@@ -129,14 +135,15 @@ def reset_stale_checkpoint(
         },
         sort_keys=True,
     )
-    stamp = checkpoint_dir / FINGERPRINT_FILE
+    stamp_file = checkpoint_dir / FINGERPRINT_FILE
     dropped = None
-    if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+    held = {p.name for p in checkpoint_dir.iterdir()} if checkpoint_dir.is_dir() else set()
+    if held - {RUN_ID_FILE}:  # the run id alone: the run started, fitting had not
         damage = checkpoint_damage(checkpoint_dir)
         if damage:
             print(f"warning: train: {damage}; starting over", file=sys.stderr)
             why = "its checkpoint is damaged"
-        elif read_text(stamp) != fingerprint:
+        elif read_text(stamp_file) != fingerprint:
             print(
                 f"train: {checkpoint_dir} is from other params or data; starting over",
                 file=sys.stderr,
@@ -150,8 +157,9 @@ def reset_stale_checkpoint(
                 Abandoned(run_id, f"interrupted; not resumed because {why}") if run_id else None
             )
             _remove(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    write_text(stamp, fingerprint)
+    if stamp:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_text(stamp_file, fingerprint)
     return dropped
 
 
