@@ -285,3 +285,98 @@ def test_a_read_only_store_refuses_writes_in_one_line_and_still_reads(trained, t
         assert (tmp_path / where / "mlflow.db").read_bytes() == before[where]
         assert (out / f"{where}.csv").read_text().count("\n") == 3  # header, two images
         assert (out / where / "report" / "report.md").is_file()
+
+
+def log_trained_model(top1: float) -> dict[str, str]:
+    """A tiny real model logged in a run of EXPERIMENT with `test_top1`, as train and
+    evaluate leave it: the run file in data/model and metrics/eval.json."""
+    from pipeline.models.architectures import build_model
+    from pipeline.tracking import logged_models, runs
+
+    card = {"classes": ["a", "b", "c"], "image_shape": [8, 8, 1], "task": "classification"}
+    model = build_model("simple_cnn", (8, 8, 1), 3, width_multiplier=0.25)
+    with runs.training_run(EXPERIMENT, run_name="t", params={}, tags={}) as run_id:
+        model_uri = logged_models.log_model(model, card=card)
+        runs.log_metrics({"test_top1": top1})
+    Path("data/model").mkdir(parents=True, exist_ok=True)
+    runs.write_run_file(run_id, model_uri, Path("data/model"))
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/eval.json").write_text(json.dumps({"test_top1": top1}))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return {"run_id": run_id, "model_uri": model_uri}
+
+
+def test_register_and_promote_refuse_a_model_whose_files_are_gone(tmp_path, monkeypatch):
+    """A logged model whose Keras file is damaged, or whose files were deleted with
+    mlartifacts/: promote and register refuse in one line naming the version or run
+    and the file; nothing is registered and no alias moves. predict --model names the
+    missing file too."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copy(PARAMS, "params.yaml")
+    first = log_trained_model(0.9)
+    assert cli(["register"])[0] == 0
+    client = MlflowClient(tracking_store.tracking_uri())
+    (keras_file,) = Path("mlartifacts").rglob("model.keras")
+    keras_file.write_bytes(keras_file.read_bytes()[:1000])  # cut short
+
+    line = error_line(*cli(["promote"]))
+    assert line.startswith(f"error: promote: {NAME} v1 (run {first['run_id']}) ")
+    assert "artifacts/model.keras" in line and line.endswith("; no alias was moved"), line
+    with pytest.raises(Exception, match="alias champion not found"):
+        client.get_model_version_by_alias(NAME, "champion")
+
+    second = log_trained_model(0.95)
+    shutil.rmtree("mlartifacts")
+    line = error_line(*cli(["register"]))
+    assert line == (
+        f"error: register: run {second['run_id']}'s model {second['model_uri']!r}: the "
+        "logged model's file MLmodel is missing from the tracking store's artifacts "
+        "(deleted?); log it again: `dvc repro -f train`; nothing is registered and no "
+        "alias moved"
+    )
+    assert [v.version for v in client.search_model_versions(f"name='{NAME}'")] == [1]
+    assert client.get_model_version_by_alias(NAME, "challenger").version == 1
+    Path("images").mkdir()
+    Path("images/0.png").write_bytes(png_bytes(size=8))
+    line = error_line(*cli(["predict", "images", "--model", f"models:/{NAME}/1"]))
+    assert "the logged model's file MLmodel is missing" in line, line
+
+
+PROMOTE_AS_USER = "import sys; from pipeline.__main__ import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_promotions_by_two_users_share_the_lock(trained, tmp_path):
+    """Two users promote in one store, one after the other: the lock files the first
+    leaves beside the store (mode 0666) are the second's to lock too (they were the
+    first user's 0644 files in the temp folder: a PermissionError traceback). A lock
+    file another user left unwritable is one line naming it."""
+    shared = tmp_path / "shared"
+    shutil.copytree(trained, shared)
+    shared.chmod(0o777)  # both users write the store: SQLite writes beside the file
+    (shared / "mlflow.db").chmod(0o666)
+    for path in shared.glob("mlflow.db-*.lock"):
+        path.unlink()  # the trained project's (root's): let the users make their own
+    # nobody opens the store and takes the promotion lock (a version it lacks: no load)
+    done = as_user(
+        "nobody", PROMOTE_AS_USER, shared, tmp_path / "home-n", "promote", "--version", "9"
+    )
+    assert error_line(done.returncode, done.stderr).endswith(
+        f"{NAME!r} has no version 9 (RESOURCE_DOES_NOT_EXIST)"
+    )
+    done = as_user("daemon", PROMOTE_AS_USER, shared, tmp_path / "home-d", "promote")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"promoted {NAME} v1 to @champion" in done.stdout
+    lock = shared / "mlflow.db-promote.lock"
+    assert lock.stat().st_uid == 65534 and lock.stat().st_mode & 0o777 == 0o666
+
+    lock.chmod(0o644)  # as a user with umask 022 would leave it without filelock's mode
+    done = as_user("daemon", PROMOTE_AS_USER, shared, tmp_path / "home-d", "promote")
+    line = error_line(done.returncode, done.stderr)
+    assert line == (
+        f"error: MLFLOW_TRACKING_URI sqlite:///{shared}/mlflow.db: cannot use the tracking "
+        f"store: cannot lock {lock} (Permission denied, owned by uid 65534); it holds no data: "
+        "its owner can remove it, or make it writable by all (chmod 666); no alias was moved"
+    )
