@@ -21,7 +21,7 @@ from conftest import copy_project, pipeline_env
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 8
+EPOCHS = 6
 # A tiny model; batches of 32 make an epoch last long enough (~1 s) to be interrupted.
 TINY = {
     "model.width_multiplier": 0.25,
