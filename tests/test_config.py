@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 
 
+SHIPPED_TEXT = PARAMS.read_text()
+
+
 def shipped() -> dict:
     return yaml.safe_load(PARAMS.read_text())
 
@@ -168,6 +171,124 @@ BAD_CASES = [
     ),
     ("not-yaml", "train: [unclosed\n", ["bad.yaml", "not valid YAML"]),
     ("top-level-list", "- train\n- model\n", ["bad.yaml", "mapping", "list"]),
+    # params.yaml that is not what it seems (issue 18, class 1)
+    (
+        "duplicate-key",
+        SHIPPED_TEXT.replace("  epochs: 30\n", "  epochs: 30\n  epochs: 3\n"),
+        ["bad.yaml: line 46: duplicate key train.epochs (first at line 45)"],
+    ),
+    (
+        "duplicate-section",
+        SHIPPED_TEXT + "\ntrain:\n  epochs: 3\n",
+        ["bad.yaml: line 108: duplicate key train (first at line 44)"],
+    ),
+    (
+        "duplicate-nested-key",
+        SHIPPED_TEXT.replace("aspp_rates: [6, 12, 18]", "aspp_rates: {a: 1, a: 2}"),
+        ["line 42: duplicate key model.aspp_rates.a"],
+    ),
+    (
+        "latin-1",
+        SHIPPED_TEXT.replace("digits-cnn", "digits-café").encode("latin-1"),
+        ["bad.yaml: line 100: not UTF-8 (byte 0xe9); save it as UTF-8"],
+    ),
+    ("utf-16", SHIPPED_TEXT.encode("utf-16"), ["line 1: not UTF-8", "the file is UTF-16"]),
+    ("nul-byte", SHIPPED_TEXT.encode() + b"\x00", ["bad.yaml: line 107: a NUL byte"]),
+    (
+        "control-character",
+        SHIPPED_TEXT.replace('grid: ""', 'grid: "a\x07b"'),
+        ["not valid YAML at line 101", "#x0007"],
+    ),
+    ("empty-file", "", ["bad.yaml: is empty"]),
+    ("comments-only", "# params\n", ["bad.yaml: is empty"]),
+    (
+        "section-null",
+        SHIPPED_TEXT.replace("evaluate:\n  batch_size: 256\n", "evaluate:\n"),
+        ["line 96: section evaluate must be a mapping of keys, got nothing"],
+    ),
+    (
+        "section-empty",
+        SHIPPED_TEXT.replace("evaluate:\n  batch_size: 256\n", "evaluate: {}\n"),
+        ["line 96: section evaluate is empty"],
+    ),
+    (
+        "section-missing",
+        SHIPPED_TEXT.replace("evaluate:\n  batch_size: 256\n", ""),
+        ["bad.yaml: section evaluate is missing"],
+    ),
+    (
+        "int-key",
+        SHIPPED_TEXT.replace("  epochs: 30\n", "  epochs: 30\n  1: 2\n"),
+        ["line 46: key 1 in train is not a name"],
+    ),
+    ("null-top-key", SHIPPED_TEXT + "null: 1\n", ["key null in the top level is not a name"]),
+    (
+        "yes-is-not-true",
+        with_value("model", "small_input", "yes"),  # YAML 1.1 read it as true; DVC does not
+        ["model.small_input must be true or false, got 'yes'"],
+    ),
+    ("bare-yes", SHIPPED_TEXT.replace("nesterov: true", "nesterov: yes"), ["'yes'"]),
+    (
+        "control-char-in-string",
+        SHIPPED_TEXT.replace('grid: ""', 'grid: "a\\0b"'),
+        ["mlflow.grid must be one line of text", "U+0000"],
+    ),
+    # numbers a library will not take (issue 18, class 2)
+    (
+        "timeout-inf",
+        params_with({"fetch.source": "archive", "fetch.url": "a.tgz", "fetch.timeout_s": 1e400}),
+        ["fetch.timeout_s must be a finite number, got inf"],
+    ),
+    (
+        "timeout-past-a-day",
+        params_with({"fetch.source": "archive", "fetch.url": "a.tgz", "fetch.timeout_s": 1e10}),
+        ["fetch.timeout_s must be <= 86400"],
+    ),
+    ("lr-nan", with_value("train", "learning_rate", float("nan")), ["must be a finite number"]),
+    (
+        "huge-int-as-float",
+        with_value("train", "learning_rate", 10**400),
+        ["train.learning_rate must be a finite number, got an integer of 1329 bits"],
+    ),
+    (
+        "seed-past-numpy",
+        with_value("train", "seed", 2**32),
+        ["train.seed must be <= 4294967295, got 4294967296"],
+    ),
+    ("seed-negative", with_value("prepare", "seed", -1), ["prepare.seed must be >= 0"]),
+    ("epochs-huge", with_value("train", "epochs", 10**6), ["train.epochs must be <= 10000"]),
+    ("batch-huge", with_value("evaluate", "batch_size", 2**40), ["evaluate.batch_size must be <="]),
+    ("groups-huge", with_value("model", "groups", 10**9), ["model.groups must be <= 512"]),
+    ("aspp-rate-huge", with_value("model", "aspp_rates", [6, 10**9]), ["model.aspp_rates[1]"]),
+    ("padding-huge", with_value("augment", "crop_padding", 10**6), ["augment.crop_padding"]),
+    ("mixup-huge", with_value("augment", "mixup_alpha", 1e6), ["augment.mixup_alpha must be <="]),
+    (
+        "init-from-name-too-long",
+        params_with({"train.init_from": "x" * 600 + ".keras"}),
+        ["train.init_from is not a path this system takes", "606 bytes"],
+    ),
+    # strings a later stage, MLflow or DVC would refuse
+    (
+        "model-name-slash",
+        with_value("register", "model_name", "team/digits"),
+        ["register.model_name 'team/digits' is not a name MLflow and DVC both take"],
+    ),
+    ("model-name-space", with_value("register", "model_name", "my model"), ["model_name"]),
+    (
+        "metric-unknown",
+        with_value("register", "metric", "accuracy"),
+        ["register.metric 'accuracy' is not a metric evaluate writes", "test_top1"],
+    ),
+    (
+        "metric-of-other-task",
+        with_value("register", "metric", "test_miou"),
+        ["register.metric 'test_miou' is not written for task: classification"],
+    ),
+    (
+        "loss-gate-upside-down",
+        with_value("register", "metric", "test_loss"),
+        ["register.higher_is_better: true would promote worse models"],
+    ),
 ]
 
 
@@ -177,7 +298,9 @@ BAD_CASES = [
 )
 def test_bad_params_name_the_key(tmp_path: Path, content, expected: list[str]) -> None:
     bad = tmp_path / "bad.yaml"
-    if isinstance(content, str):
+    if isinstance(content, bytes):
+        bad.write_bytes(content)
+    elif isinstance(content, str):
         bad.write_text(content)
     else:
         write_params(bad, content)
@@ -186,6 +309,93 @@ def test_bad_params_name_the_key(tmp_path: Path, content, expected: list[str]) -
     message = str(info.value)
     for part in expected:
         assert part in message, f"{part!r} missing from {message!r}"
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "1e-3",
+        "1E3",
+        "-2.5e+2",
+        ".5",
+        "1_000",
+        "0o17",
+        "017",
+        "0x1F",
+        "+1",
+        "yes",
+        "on",
+        "off",
+        "True",
+        "FALSE",
+        "~",
+        "null",
+        ".inf",
+        "2026-12-02",
+        "1:30",
+    ],
+)
+def test_scalars_read_as_dvc_reads_them(tmp_path: Path, spelling: str) -> None:
+    """YAML 1.2, as DVC's ruamel.yaml reads params.yaml: `1e-3` is a number, `yes` text."""
+    from ruamel.yaml import YAML
+
+    text = f"mlflow:\n  grid: {spelling}\n"
+    (tmp_path / "p.yaml").write_text(text)
+    assert config.read_params(tmp_path / "p.yaml") == YAML(typ="safe").load(text)
+
+
+def test_learning_rate_in_exponent_form(tmp_path: Path) -> None:
+    """`learning_rate: 1e-3` (a float to DVC) is accepted, and is 0.001."""
+    bad = tmp_path / "p.yaml"
+    bad.write_text(SHIPPED_TEXT.replace("learning_rate: 0.003", "learning_rate: 1e-3"))
+    assert check.run(bad)["train"].learning_rate == 0.001
+
+
+def test_every_stage_reads_the_file_strictly(tmp_path: Path) -> None:
+    """A file-level mistake (a misspelled section, a duplicate anywhere) stops every
+    stage, not only `check`: each would otherwise run on what it silently ignored."""
+    misspelled = tmp_path / "misspelled.yaml"
+    misspelled.write_text(SHIPPED_TEXT.replace("\naugment:", "\naugmnet:"))
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text(SHIPPED_TEXT.replace("  seed: 42\n", "  seed: 42\n  seed: 7\n", 1))
+    for section in config.SECTIONS:
+        with pytest.raises(ConfigError, match="unknown section 'augmnet'"):
+            config.load(section, misspelled)
+        with pytest.raises(ConfigError, match="duplicate key prepare.seed"):
+            config.load(section, duplicate)
+
+
+def test_only_documented_sections_may_be_left_out(tmp_path: Path) -> None:
+    """augment (all off) and task (classification) may be absent; any other section a
+    stage reads is refused, not replaced by code defaults."""
+    path = tmp_path / "p.yaml"
+    text = SHIPPED_TEXT.replace("task: classification", "")
+    start, end = text.index("augment:"), text.index("evaluate:")
+    path.write_text(text[:start] + text[end:])
+    loaded = check.run(path)
+    assert loaded["augment"] == config.AugmentConfig() and loaded["task"] == "classification"
+    for section in set(config.SECTIONS) - set(config.OPTIONAL_SECTIONS):
+        params = shipped()
+        del params[section]
+        write_params(path, params)
+        with pytest.raises(ConfigError, match=f"section {section} is missing"):
+            config.load(section, path)
+
+
+def test_gate_metrics_are_what_evaluate_writes() -> None:
+    """register.metric's allowed names are the test metrics of each task's report."""
+    import numpy as np
+
+    from pipeline.scoring.metrics import classification_report, segmentation_report
+
+    probs = np.eye(3)[[0, 1, 2, 0]]
+    written = {
+        "classification": classification_report(probs, np.array([0, 1, 2, 1]), "abc")[0],
+        "segmentation": segmentation_report(np.eye(3, dtype=np.int64) * 5, "abc"),
+    }
+    for task, report in written.items():
+        scores = {k for k, v in report.items() if k.startswith("test_") and isinstance(v, float)}
+        assert set(config.GATE_METRICS[task]) == scores, task
 
 
 def test_image_size_is_a_side_or_height_and_width() -> None:
@@ -288,3 +498,31 @@ def test_cli_predict_without_a_folder_is_a_usage_error(tmp_path: Path) -> None:
         "error: predict: give a folder of images (predict DIR or --input DIR)"
     ]
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_every_number_has_a_documented_range() -> None:
+    """Each numeric param has a lower and an upper bound, and docs/params.md lists it."""
+    import dataclasses
+    import typing
+
+    def number(bound: float) -> str:
+        return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+    docs = (ROOT / "docs" / "params.md").read_text()
+    for section, cls in config.SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = {hints[f.name], *typing.get_args(hints[f.name])}
+            kinds |= {a for k in list(kinds) for a in typing.get_args(k)}
+            if not kinds & {int, float} or hints[f.name] is bool:
+                continue
+            bounds = f.metadata.get("bounds", {})
+            key = f"{section}.{f.name}"
+            low = [
+                f"{number(bounds[k])} {op} " for k, op in (("ge", "≤"), ("gt", "<")) if k in bounds
+            ]
+            high = [
+                f" {op} {number(bounds[k])}" for k, op in (("le", "≤"), ("lt", "<")) if k in bounds
+            ]
+            assert low and high, f"{key} needs a lower and an upper bound"
+            assert f"| `{key}` | {low[0]}x{high[0]} |" in docs, f"docs/params.md: {key}'s range"

@@ -79,19 +79,24 @@ class BatchAugmenter:
 
 
 def build_layers(cfg: AugmentConfig) -> dict:
-    """The Keras layers of `cfg`: a per-image Sequential (or None) and the two mixers."""
+    """The Keras layers of `cfg`: a per-image Sequential (or None) and the two mixers.
+
+    All in float32 whatever the global precision policy: they work on the loader's
+    float32 batches (under mixed_bfloat16, MixUp's float32 weights met bfloat16 images)."""
     import keras
     from keras import layers
 
+    f32 = {"dtype": "float32"}
+
     per_image = []
     if cfg.flip:
-        per_image.append(layers.RandomFlip("horizontal"))
+        per_image.append(layers.RandomFlip("horizontal", **f32))
     if cfg.translate:
-        per_image.append(layers.RandomTranslation(cfg.translate, cfg.translate, "reflect"))
+        per_image.append(layers.RandomTranslation(cfg.translate, cfg.translate, "reflect", **f32))
     if cfg.rotate:
-        per_image.append(layers.RandomRotation(cfg.rotate / 360, fill_mode="reflect"))
+        per_image.append(layers.RandomRotation(cfg.rotate / 360, fill_mode="reflect", **f32))
     if cfg.zoom:
-        per_image.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect"))
+        per_image.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect", **f32))
     if cfg.color_jitter:
         strength = cfg.color_jitter
         per_image.append(
@@ -100,6 +105,7 @@ def build_layers(cfg: AugmentConfig) -> dict:
                 brightness_factor=strength,
                 contrast_factor=strength,
                 saturation_factor=(max(0.0, 0.5 - strength / 2), 0.5 + strength / 2),
+                **f32,
             )
         )
     if cfg.randaugment_ops:
@@ -108,14 +114,15 @@ def build_layers(cfg: AugmentConfig) -> dict:
                 value_range=(0, 255),
                 num_ops=cfg.randaugment_ops,
                 factor=cfg.randaugment_magnitude,
+                **f32,
             )
         )
     if cfg.erasing:
-        per_image.append(layers.RandomErasing(factor=cfg.erasing, value_range=(0, 255)))
+        per_image.append(layers.RandomErasing(factor=cfg.erasing, value_range=(0, 255), **f32))
     return {
         "per_image": keras.Sequential(per_image) if per_image else None,
-        "mixup": layers.MixUp(alpha=cfg.mixup_alpha) if cfg.mixup_alpha > 0 else None,
-        "cutmix": layers.CutMix(factor=cfg.cutmix_alpha) if cfg.cutmix_alpha > 0 else None,
+        "mixup": layers.MixUp(alpha=cfg.mixup_alpha, **f32) if cfg.mixup_alpha > 0 else None,
+        "cutmix": layers.CutMix(factor=cfg.cutmix_alpha, **f32) if cfg.cutmix_alpha > 0 else None,
     }
 
 
