@@ -55,12 +55,11 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     """Images in, class names (or masks) out; see the module docstring for the columns."""
 
     def load_context(self, context) -> None:
-        import json
-
+        from pipeline.artifacts import read_json
         from pipeline.models.saved import load_keras_file
 
         self.keras_model = load_keras_file(Path(context.artifacts[KERAS_ARTIFACT]))
-        self.card = json.loads(Path(context.artifacts[CARD_ARTIFACT]).read_text())
+        self.card = read_json(Path(context.artifacts[CARD_ARTIFACT]))  # damaged: named
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         from pipeline.data.decode import to_model_input

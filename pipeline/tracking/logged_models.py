@@ -94,11 +94,11 @@ def load_logged_model(model_uri: str, *, key: str, then: str = "") -> tuple[Any,
     with tempfile.TemporaryDirectory(prefix="logged-model-") as tmp:
         with reaching_the_store(then), _naming_the_uri(model_uri, key):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        absent = _missing_file(local)
-        if absent:
+        problem = _files_problem(local)
+        if problem:
             raise ConfigError(
-                f"{key} {model_uri!r}: the logged model's file {absent} is missing from the "
-                "tracking store's artifacts (deleted?); log it again: `dvc repro -f train`"
+                f"{key} {model_uri!r}: the logged model's {problem}; log it again: "
+                "`dvc repro -f train`"
             )
         with _naming_the_uri(model_uri, key, local=local):
             loaded = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
@@ -107,22 +107,27 @@ def load_logged_model(model_uri: str, *, key: str, then: str = "") -> tuple[Any,
     return loaded.keras_model, loaded.card
 
 
-def _missing_file(local: Path) -> str | None:
-    """The first file the logged model in `local` lacks (MLmodel, then those it lists)."""
+def _files_problem(local: Path) -> str | None:
+    """What is wrong with the files of the logged model in `local`, or None: its MLmodel
+    missing or unreadable, or a file the MLmodel lists missing."""
     import yaml
 
-    if not (local / "MLmodel").is_file():
-        return "MLmodel"
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        return f"file MLmodel is {_GONE}"
     try:
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
         needed = [entry["path"] for entry in flavor.get("artifacts", {}).values()]
-        if flavor.get("model_code_path"):
-            needed.append(Path(flavor["model_code_path"]).name)
-        if flavor.get("code"):
-            needed.append(flavor["code"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-        return None  # a damaged MLmodel: the load says how
-    return next((name for name in needed if not (local / name).exists()), None)
+        needed += [Path(flavor["model_code_path"]).name] if flavor.get("model_code_path") else []
+        needed += [flavor["code"]] if flavor.get("code") else []
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        return f"file MLmodel is damaged (not an MLflow model's description: {reason})"
+    missing = next((name for name in needed if not (local / name).exists()), None)
+    return f"file {missing} is {_GONE}" if missing else None
+
+
+_GONE = "missing from the tracking store's artifacts (deleted?)"
 
 
 # MLflow's error codes for a URI that names nothing: no such model, version, alias or run

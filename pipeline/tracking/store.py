@@ -443,7 +443,8 @@ def _file_store(uri: str) -> Path | None:
         from urllib.parse import unquote, urlsplit
 
         return Path(unquote(urlsplit(uri).path))
-    return None if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", uri) else Path(uri)
+    remote = re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", uri) or uri.startswith("databricks")
+    return None if remote else Path(uri)
 
 
 def _lock_problem(path: Path, exc: OSError, uri: str) -> str:

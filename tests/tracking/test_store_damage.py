@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -380,3 +381,27 @@ def test_promotions_by_two_users_share_the_lock(trained, tmp_path):
         f"store: cannot lock {lock} (Permission denied, owned by uid 65534); it holds no data: "
         "its owner can remove it, or make it writable by all (chmod 666); no alias was moved"
     )
+
+
+LOCK_AS_USER = """
+import sys
+import tempfile
+from pipeline.tracking.store import store_lock
+with store_lock("promote", sys.argv[1]):
+    print("locked")
+"""
+
+
+def test_a_remote_store_lock_is_shared_by_users(tmp_path):
+    """A remote store's lock lives in the temp folder's pipeline-locks/, which every user
+    can write: the lock file one user made, another user locks."""
+    uri = f"http://mlflow.example:5000/{os.getpid()}-{tmp_path.name}"
+    try:
+        for user in ("nobody", "daemon"):
+            done = as_user(user, LOCK_AS_USER, tmp_path, tmp_path / f"home-{user}", uri)
+            assert done.returncode == 0 and done.stdout == "locked\n", done.stderr[-3000:]
+        lock = tracking_store._lock_file("promote", uri)
+        assert lock.parent == Path(tempfile.gettempdir()) / "pipeline-locks"
+        assert lock.stat().st_uid == 65534 and lock.stat().st_mode & 0o777 == 0o666
+    finally:
+        tracking_store._lock_file("promote", uri).unlink(missing_ok=True)
