@@ -380,17 +380,15 @@ def dvc_reads(path: Path):
     return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
 
 
-class OneStep:
-    """A Keras callback: stop `fit` after its first optimizer step."""
+def one_step():
+    """A Keras callback that stops `fit` after its first optimizer step."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class OneStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.stop_training = True
 
-        class _OneStep(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                self.model.stop_training = True
-
-        return _OneStep()
+    return OneStep()
 
 
 @pytest.fixture(autouse=True)
@@ -437,7 +435,7 @@ def one_step_train(monkeypatch):
     from pipeline.stages import train
 
     real = train.fit_model
-    monkeypatch.setattr(train, "fit_model", functools.partial(real, extra_callbacks=(OneStep(),)))
+    monkeypatch.setattr(train, "fit_model", functools.partial(real, extra_callbacks=(one_step(),)))
     yield
     keras.mixed_precision.set_global_policy("float32")
 
@@ -451,6 +449,8 @@ def record(mutation: Mutation, outcome: str) -> None:
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.name for m in MUTATIONS])
 def test_mutated_params(mutation, projects, capsys, monkeypatch):
+    """`check` accepts the file (and DVC reads the same values) or refuses it in one line,
+    exit 2, as does every stage reading the mutated section, with nothing written."""
     refuse = projects["refuse"]
     params = refuse / "params.yaml"
     params.write_bytes(mutation.data)
@@ -586,6 +586,7 @@ def combine(accepted: list[Mutation], path: Path) -> list[list[Mutation]]:
     return distinct
 
 
+@pytest.mark.slow
 def test_accepted_configs_train(projects, capsys, monkeypatch, one_step_train):
     """Every model/train/augment/mlflow/task mutation `check` accepts trains: a real
     `train`, one optimizer step, with the accepted values packed into a few files."""
