@@ -358,6 +358,8 @@ def run(experiment: str, out_dir: Path | None = None, *, log: bool = True) -> Pa
     runs = reports.experiment_runs(experiment)
     if not runs:
         raise PipelineError(f"--experiment {experiment!r} has no finished runs to compare")
+    if log:
+        reports.check_can_log(experiment)  # a read-only store: before any file is written
     out_dir = out_dir or REPORTS_DIR / experiment
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = {

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tracking.store import (
+    StoreProblem,
     connect,
     ensure_experiment,
     mlflow_client,
     reaching_the_store,
     source_tags,
     tracking_uri,
+    write_problem,
 )
 
 
@@ -101,6 +103,19 @@ def _experiment_runs(experiment: str) -> list[dict[str, Any]]:
             }
         )
     return result
+
+
+NOT_WRITTEN = "no report was written (--no-log writes it without logging it)"
+
+
+def check_can_log(experiment: str) -> None:
+    """Refuse, before a report is written, a store this user cannot write (a read-only
+    mlflow.db, its folder, or the experiment's artifact folder)."""
+    with reaching_the_store(NOT_WRITTEN):
+        found = connect().get_experiment_by_name(experiment)
+        problem = write_problem(found.artifact_location if found else None)
+        if problem:
+            raise StoreProblem(problem)
 
 
 def log_report(experiment: str, report_dir: Path) -> str:

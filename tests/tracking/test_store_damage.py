@@ -271,7 +271,7 @@ def test_a_read_only_store_refuses_writes_in_one_line_and_still_reads(trained, t
     results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line[:7] == "RESULT "]
     assert len(results) == len(commands), done.stdout[-3000:]
     kept = {name: then for name, (_, then) in COMMANDS.items()}
-    kept["compare"] = "not logged to MLflow (--no-log skips logging)"
+    kept["compare"] = "no report was written (--no-log writes it without logging it)"
     for folder, name, code, line, traceback in results:
         where = Path(folder).name
         wrong, works = READ_ONLY[where]
@@ -284,6 +284,7 @@ def test_a_read_only_store_refuses_writes_in_one_line_and_still_reads(trained, t
         assert line.endswith(kept[name]), (where, name, line)
     for where in ("file", "folder"):
         assert (tmp_path / where / "mlflow.db").read_bytes() == before[where]
+        assert not (out / where / "logged").exists()  # refused before writing the report
         assert (out / f"{where}.csv").read_text().count("\n") == 3  # header, two images
         assert (out / where / "report" / "report.md").is_file()
 
