@@ -141,12 +141,7 @@ def downstream(kind: str) -> list[str]:
 
 
 # Pairs whose fix belongs to the tracking store's owner (issue 18 classes 4 and 6).
-PENDING: dict[tuple[str, str, str], str] = {
-    ("store", "read-only", "compare"): (
-        "compare writes out/compare/ before logging it to the store; a read-only store "
-        "fails the logging and the report folder is left behind"
-    ),
-}
+PENDING: dict[tuple[str, str, str], str] = {}
 
 
 def cases():

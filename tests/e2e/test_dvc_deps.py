@@ -71,7 +71,7 @@ def test_an_archive_rebuilt_in_place_is_fetched_again(project):
     ("module", "stages"),
     [
         ("pipeline/training/losses.py", {"train"}),
-        ("pipeline/models/layers.py", {"train", "evaluate"}),
+        ("pipeline/models/layers.py", {"train", "evaluate", "register"}),
         ("pipeline/scoring/metrics.py", {"evaluate"}),
         ("pipeline/tracking/model_registry.py", {"register"}),
         ("pipeline/config.py", {"fetch", "prepare", "train", "evaluate", "register"}),
