@@ -476,8 +476,10 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads() -> None:
         }
         if stage == "train":
             expected.add("task")
-        if stage == "register":  # the gate (metric, higher_is_better) is read by promote
-            expected = {"register.model_name"}
+        if stage == "register":
+            # the gate (metric, higher_is_better) is applied by promote; register only
+            # checks that the metric is one the task's evaluate writes
+            expected = {"register.model_name", "task"}
         assert set(stages[stage]["params"]) == expected, stage
 
 
