@@ -10,6 +10,7 @@ train therefore keeps pointing at the run that produced the cached model.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ from pipeline.tracking.store import (
 )
 
 RUN_FILE = MODEL_DIR / "mlflow_run.json"
+# MLflow's system metrics monitor logs one sample per interval and drops the last,
+# unfinished one at run end, so a run shorter than this gets none; MLflow's 10 s would
+# leave a tiny training empty. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 2
 
 
 @contextlib.contextmanager
@@ -57,7 +62,7 @@ def training_run(
             raise StoreProblem(problem)
         previous = _unfinished_run(resume_file, experiment_id) if resume_file else None
         start = {"run_id": previous} if previous else {"run_name": run_name}
-        active = mlflow.start_run(experiment_id=experiment_id, **start)
+        active = _start_with_system_metrics(mlflow, experiment_id=experiment_id, **start)
         try:
             resumed = {"resumed": "true"} if previous else {}
             mlflow.set_tags(without_secrets({**source_tags(), **tags, **resumed}))
@@ -71,6 +76,47 @@ def training_run(
             resume_file.parent.mkdir(parents=True, exist_ok=True)
             resume_file.write_text(run.info.run_id)
         yield run.info.run_id
+
+
+def _start_with_system_metrics(mlflow, **start):
+    """`mlflow.start_run` with MLflow's system metrics monitor (CPU, memory, disk, network;
+    NVIDIA GPUs when nvidia-ml-py finds one), sampled every SYSTEM_METRICS_INTERVAL_S.
+    A resumed run continues its system metrics' steps."""
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+
+    # The monitor's own lines: info at start and stop, and a store failing under it as a
+    # many-line warning from its thread (the training's next write reports it in one)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.system_metrics.metrics").setLevel(logging.WARNING)
+    for monitor in ("gpu_monitor", "rocm_monitor"):
+        logging.getLogger(f"mlflow.system_metrics.metrics.{monitor}").addFilter(_ONCE)
+    ours = not MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.defined
+    if ours:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    try:  # the monitor reads the interval as it starts
+        return mlflow.start_run(log_system_metrics=True, **start)
+    finally:
+        if ours:
+            mlflow.set_system_metrics_sampling_interval(None)
+
+
+class _OncePerMessage(logging.Filter):
+    """Each message once: MLflow's GPU monitor warns at every sample about a reading the
+    GPU does not support (power or utilisation on some boards and MIG slices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_ONCE = _OncePerMessage()
 
 
 def _unfinished_run(resume_file: Path, experiment_id: str) -> str | None:
@@ -163,8 +209,9 @@ def log_dict(data: dict, name: str) -> None:
 @contextlib.contextmanager
 def reopened_run(run_id: str, *, then: str) -> Iterator[None]:
     """Resume the run started by train, for evaluate's metrics and plots; a store that
-    went away since training is one line ending with `then`."""
-    with reaching_the_store(then), connect().start_run(run_id=run_id):
+    went away since training is one line ending with `then`. No system metrics, even
+    with MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING set: they are the training's."""
+    with reaching_the_store(then), connect().start_run(run_id=run_id, log_system_metrics=False):
         yield
 
 
