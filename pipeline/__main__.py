@@ -57,6 +57,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    from pipeline.tools import launch
+
+    command = launch.pipeline_command(args.command_line, str(args.params))
+    code = launch.run(command, args.processes, port=args.port)
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline.stages import evaluate
 
@@ -212,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("register", cmd_register, "register the model, alias 'challenger'"),
         ("check", cmd_check, "validate params.yaml"),
     ]:
-        commands.add_parser(name, help=text).set_defaults(func=func)
+        sub = commands.add_parser(name, help=text)
+        sub.set_defaults(func=func)
+        if name == "train":
+            add_cluster_flags(sub)
     promote = commands.add_parser("promote", help="move alias 'champion' to a better version")
     promote.add_argument("--name", help="registered model (default: register.model_name)")
     promote.add_argument("--version", help="version to promote (default: @challenger)")
@@ -325,7 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure each framework's bf16 matmul rate first; report training MFU against it",
     )
     bench.set_defaults(func=cmd_bench)
+    launch = commands.add_parser(
+        "launch",
+        help="N training processes on this machine, as N hosts run them "
+        "(launch --processes N -- train [ARGS]; docs/distributed.md)",
+    )
+    launch.add_argument("--processes", type=int, required=True, help="how many (>= 1)")
+    launch.add_argument(
+        "--port", type=int, help="the coordinator's port on 127.0.0.1 (default: a free one)"
+    )
+    launch.add_argument(
+        "command_line", nargs=argparse.REMAINDER, metavar="-- train [ARGS]", help="train's"
+    )
+    launch.set_defaults(func=cmd_launch)
     return parser
+
+
+def add_cluster_flags(train: argparse.ArgumentParser) -> None:
+    """Multi-host JAX training: the same three settings on every host (or Keras's
+    KERAS_DISTRIBUTION_* variables; a flag wins)."""
+    train.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="process 0's host and a free port"
+    )
+    train.add_argument("--num-processes", type=int, metavar="N", help="processes in the group")
+    train.add_argument("--process-id", type=int, metavar="I", help="this one, 0 to N-1")
 
 
 def main(argv: list[str] | None = None) -> int:
