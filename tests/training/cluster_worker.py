@@ -3,12 +3,14 @@ KERAS_DISTRIBUTION_* variables), then fits a tiny Dense model with Keras's DataP
 each process's PyDataset yielding its slice of every global batch, as the loader does.
 
 usage: python cluster_worker.py OUT_DIR fit|slow|fail [INIT_TIMEOUT_S]
-fit: 3 epochs, losses to OUT_DIR/p<id>.json. slow: epochs with a pause per batch,
-prints "training" once fitting runs (to be killed). fail: process 1 fails in Python at
+Every mode writes OUT_DIR/pid<id>, and OUT_DIR/training<id> after the first epoch.
+fit: 3 epochs, losses to OUT_DIR/p<id>.json. slow: 200 epochs with a pause per batch
+(to be killed). fail: process 1 fails in Python at
 its second epoch, with one error line, as `python -m pipeline` would print it.
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from pipeline.training import cluster as cl
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 group = cl.from_env(None, backend="jax")
+(out / f"pid{group.process_id}").write_text(str(os.getpid()))
 cl.initialize(group, int(sys.argv[3]) if len(sys.argv) > 3 else None)
 
 import keras  # noqa: E402
@@ -44,6 +47,7 @@ class Steer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 0:
             print(f"training {group.process_id}", flush=True)
+            (out / f"training{group.process_id}").touch()
         if mode == "fail" and epoch == 1 and group.process_id == 1:
             raise PipelineError("train: process 1 failed on purpose")
 
