@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser(
         "launch",
         help="N training processes on this machine, as N hosts run them "
-        "(launch --processes N -- train [ARGS]; docs/distributed.md)",
+        "(launch --processes N -- train [ARGS])",
     )
     launch.add_argument("--processes", type=int, required=True, help="how many (>= 1)")
     launch.add_argument(
