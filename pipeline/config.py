@@ -237,6 +237,9 @@ class TrainConfig:
     unfreeze_groups: int = _num(4, ge=1, le=1000)
     backbone_lr_scale: float = _num(1.0, gt=0, le=1)  # backbone lr = head lr x this
     loader_workers: int = _num(1, ge=1, le=64)  # threads cutting and augmenting batches
+    # none: one device | data_parallel: the model on every device (and every process when
+    # launched multi-process, JAX only), each global batch split evenly (pipeline.training.devices)
+    distribution: Literal["none", "data_parallel"] = "none"
     # auto: mixed_bfloat16 on GPUs of compute capability >= 8, float32 elsewhere
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     seed: int = _num(42, ge=0, le=SEED_MAX)

@@ -9,7 +9,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import keras
@@ -65,6 +64,14 @@ class ArrayBatches(keras.utils.PyDataset):
     given (what label smoothing, MixUp and CutMix need). `augment`, a
     `pipeline.training.augment.BatchAugmenter`, is applied to each batch;
     `workers` > 1 cuts and augments batches in that many threads.
+
+    Data parallel (`replicas` > 1): every batch splits evenly between the replicas. A
+    last training batch that does not is cut to a multiple of them (at most
+    `replicas - 1` images of an epoch left out, other ones each epoch), while a last
+    evaluation batch (`pad`) is padded with rows that count for nothing: sample weight 0
+    (classification) or void pixels (masks, `ignore_index`). `process` (index, count):
+    each process of a multi-process job yields its own slice of every global batch, the
+    same rows in the same order for any process count.
     """
 
     def __init__(
@@ -77,6 +84,10 @@ class ArrayBatches(keras.utils.PyDataset):
         seed: int = 0,
         num_classes: int | None = None,
         augment=None,
+        replicas: int = 1,
+        process: tuple[int, int] = (0, 1),
+        pad: bool = False,
+        ignore_index: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,6 +96,9 @@ class ArrayBatches(keras.utils.PyDataset):
         self.augment = augment
         # one-hot rows, looked up per batch
         self.onehot = None if num_classes is None else np.eye(num_classes, dtype=np.float32)
+        self.replicas, self.process = replicas, process
+        self.pad = pad and replicas > 1
+        self.ignore_index = ignore_index
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,16 +110,43 @@ class ArrayBatches(keras.utils.PyDataset):
             self.order = np.arange(len(self.labels))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        full, last = divmod(len(self.labels), self.batch_size)
+        if last and (self.pad or last >= self.replicas):
+            return full + 1
+        return full
 
     def __getitem__(self, index: int):
         picked = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        if not self.pad:
+            picked = picked[: len(picked) - len(picked) % self.replicas]
         images, labels = self.images[picked].astype(np.float32), self.labels[picked]
         if self.onehot is not None:
             labels = self.onehot[labels]
         if self.augment is not None:
             images, labels = self.augment(images, labels, self.epoch, index)
-        return images, labels
+        if self.pad:
+            return self._padded(images, labels)
+        return self._slice(images), self._slice(labels)
+
+    def _padded(self, images: np.ndarray, labels: np.ndarray):
+        """The batch padded to a multiple of the replicas with rows that count for nothing."""
+        missing = -len(images) % self.replicas
+        images = np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
+        filler = 0 if self.ignore_index is None else self.ignore_index
+        labels = np.concatenate(
+            [labels, np.full((missing, *labels.shape[1:]), filler, labels.dtype)]
+        )
+        if self.onehot is None and self.ignore_index is not None:  # masks: padded pixels void
+            return self._slice(images), self._slice(labels)
+        weights = np.concatenate([np.ones(len(images) - missing), np.zeros(missing)])
+        return self._slice(images), self._slice(labels), self._slice(weights.astype(np.float32))
+
+    def _slice(self, rows: np.ndarray) -> np.ndarray:
+        index, count = self.process
+        if count == 1:
+            return rows
+        share = len(rows) // count
+        return rows[index * share : (index + 1) * share]
 
 
 class EpochOrder(keras.callbacks.Callback):

@@ -38,8 +38,10 @@ def run(
     from pipeline.models.model_card import model_card
     from pipeline.models.saved import inference_copy, model_summary
     from pipeline.tracking import logged_models, runs, store
+    from pipeline.training import devices
     from pipeline.training.augment import check_augment, check_mask_augment
     from pipeline.training.checkpoints import RUN_ID_FILE, reset_stale_checkpoint
+    from pipeline.training.fit import check_placement
     from pipeline.training.transfer import check_init_from
 
     card = read_card(prepared_dir)
@@ -56,6 +58,11 @@ def run(
     else:
         check_augment(augment_cfg, image_shape)
     check_init_from(cfg.init_from)
+    placement = devices.plan(cfg.distribution, cfg.batch_size)
+    check_placement(cfg, placement)
+    fit_args = {"augment_cfg": augment_cfg, "checkpoint_dir": checkpoint_dir}
+    if not placement.chief:  # the chief alone writes outputs, checkpoints and the run
+        return fit_model(model_cfg, cfg, prepared_dir, card, **fit_args)
     params = {
         **flatten(model_cfg, "model"),
         **flatten(cfg, "train"),
@@ -67,6 +74,7 @@ def run(
         **{f"data.{split}_images": n for split, n in card["totals"].items()},
         **flatten_prepare(card),
         "keras.backend": keras.backend.backend(),
+        **placement.params(cfg.batch_size),
     }
     tags = {
         "task": task,
@@ -99,13 +107,7 @@ def run(
     ):
         try:
             result = fit_model(
-                model_cfg,
-                cfg,
-                prepared_dir,
-                card,
-                augment_cfg=augment_cfg,
-                checkpoint_dir=checkpoint_dir,
-                loggers=[runs.epoch_logger()],
+                model_cfg, cfg, prepared_dir, card, **fit_args, loggers=[runs.epoch_logger()]
             )
         except TrainingDiverged as exc:
             # The run (its NaN epoch logged) ends FAILED with the reason; the checkpoint

@@ -29,9 +29,18 @@ from pipeline.training.history import HISTORY_FILE, read_history
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras's per-epoch backup (weights, optimizer, epoch), with the weights and the
     epoch counter swapped in together as one folder: after a failed save the previous
-    epoch's backup is still whole, and a rerun resumes from it."""
+    epoch's backup is still whole, and a rerun resumes from it.
+
+    `write=False` (every process of a multi-process training but the chief): restore
+    from the chief's backup, never save or delete it."""
+
+    def __init__(self, backup_dir: str, *, write: bool = True):
+        super().__init__(backup_dir, delete_checkpoint=write)
+        self.write = write
 
     def _save_model(self):
+        if not self.write:
+            return
         backup_dir = Path(self.backup_dir)
         with atomic_dir(backup_dir) as tmp:
             self.model.save_weights(tmp / Path(self._weights_path).name)
@@ -42,11 +51,12 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 class HistoryLog(keras.callbacks.Callback):
     """Each epoch's logs appended to a CSV (`epoch` first, then the metrics by name), the
     same file Keras's `CSVLogger(append=True)` writes, but rewritten whole through a
-    rename each epoch: a torn last line would break the resumed run's history."""
+    rename each epoch: a torn last line would break the resumed run's history.
+    `write=False`: read the earlier epochs, keep the new ones in memory only."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, write: bool = True):
         super().__init__()
-        self.path = Path(path)
+        self.path, self.write = Path(path), write
 
     def on_train_begin(self, logs=None):
         self.rows = []  # the epochs of earlier attempts and phases, then this fit's
@@ -57,6 +67,8 @@ class HistoryLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         metrics = sorted((k, float(v)) for k, v in (logs or {}).items())
         self.rows.append({"epoch": epoch, **dict(metrics)})
+        if not self.write:
+            return
         # the columns are the first epoch's, as the file's header has them
         with atomic_file(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, list(self.rows[0]), restval=math.nan, extrasaction="ignore")

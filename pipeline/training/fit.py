@@ -54,6 +54,9 @@ def fit_model(
 ) -> TrainResult:
     """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`.
 
+    On the devices `cfg.distribution` places it on (`pipeline.training.devices`); of
+    several processes, only the chief (process 0) writes the checkpoint.
+
     Training runs in phases (one unless `cfg.finetune` is progressive), each a
     `fit` over its epochs with its own trainable layers; a phase that finished
     leaves its weights in `checkpoint_dir`, the running one a per-epoch backup.
@@ -64,7 +67,7 @@ def fit_model(
 
     from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
     from pipeline.models.from_config import build
-    from pipeline.training import transfer
+    from pipeline.training import devices, transfer
     from pipeline.training.augment import BatchAugmenter, MaskAugmenter, check_augment, is_identity
     from pipeline.training.callbacks import (
         divergence_guard,
@@ -81,6 +84,8 @@ def fit_model(
     from pipeline.training.precision import set_precision
     from pipeline.training.regularize import add_kernel_regularization
 
+    placement = devices.plan(cfg.distribution, cfg.batch_size)
+    check_placement(cfg, placement)
     image_shape = tuple(card["image_shape"])
     segmentation = card.get("task") == "segmentation"
     if not segmentation:
@@ -99,76 +104,100 @@ def fit_model(
     else:
         augment = BatchAugmenter(augment_cfg, image_shape, cfg.seed)
     # Classification labels become one-hot rows (label smoothing, MixUp); masks stay ids.
-    loader = {"num_classes": None if segmentation else num_classes, "workers": cfg.loader_workers}
+    loader = {
+        "num_classes": None if segmentation else num_classes,
+        "workers": cfg.loader_workers,
+        "replicas": placement.replicas,
+        "process": (placement.process_id, placement.processes),
+    }
     train_batches = ArrayBatches(
         train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment, **loader
     )
-    val_batches = ArrayBatches(val_x, val_y, cfg.batch_size, **loader) if len(val_y) else None
+    void = card.get("ignore_index") if segmentation else None
+    val_batches = (
+        ArrayBatches(val_x, val_y, cfg.batch_size, pad=True, ignore_index=void, **loader)
+        if len(val_y)
+        else None
+    )
+    with devices.scope(placement):
+        model = build(model_cfg, image_shape, num_classes)
+        devices.synchronize_batch_norm(model, placement)
+        transferred = transfer.copy_matching_weights(source, model) if source is not None else None
+        add_kernel_regularization(model, l1=cfg.l1, l2=cfg.l2, max_norm=cfg.max_norm)
 
-    model = build(model_cfg, image_shape, num_classes)
-    transferred = transfer.copy_matching_weights(source, model) if source is not None else None
-    add_kernel_regularization(model, l1=cfg.l1, l2=cfg.l2, max_norm=cfg.max_norm)
-
-    reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
-    history_csv = checkpoint_dir / HISTORY_FILE
-    steps = len(train_batches)
-    stopped_early = out_of_time = False
-    epochs_run = 0
-    started = time.perf_counter()
-    for index, phase in enumerate(transfer.phases(cfg)):
-        done = checkpoint_dir / f"phase{index}.weights.h5"
-        if done.exists():  # finished before an interruption
-            model.load_weights(done)
-            continue
-        backup_dir = checkpoint_dir / f"backup_phase{index}"
-        # Keras peeks at batches before BackupAndRestore moves fit to the saved epoch:
-        # the loader must already be on that epoch's shuffle.
-        train_batches.set_epoch(max(phase.start, backed_up_epoch(backup_dir)))
-        transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
-        compile_for_phase(model, cfg, steps, card, phase.start, train_y if segmentation else None)
-        guard = divergence_guard()
-        budget = time_budget(cfg.max_minutes, started)
-        callbacks = [
-            guard,
-            EpochOrder(train_batches),
-            epoch_seeds_callback(cfg.seed),
-            standard_logs_callback(),
-            # Record the epoch before backing it up: a crash in between reruns the
-            # epoch (identically) rather than leaving it out of the history.
-            HistoryLog(history_csv),
-            *loggers,
-            # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
-            AtomicBackupAndRestore(str(backup_dir)),
-            *early_stopping(cfg),
-            budget,
-            *extra_callbacks,
-        ]
-        fitted = model.fit(
-            train_batches,
-            validation_data=val_batches,
-            initial_epoch=phase.start,
-            epochs=phase.end,
-            callbacks=callbacks,
-            # The loader shuffles by (seed, epoch); Keras's own shuffle of batch order
-            # draws from Python's global `random`, which a resumed process cannot replay.
-            shuffle=False,
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
-        epochs_run += len(fitted.epoch)
-        if guard.found:
-            raise TrainingDiverged(
-                f"train: {guard.found}; lower train.learning_rate or raise train.warmup_epochs "
-                "(the run is marked FAILED, nothing is saved or registered)"
+        if placement.chief:
+            reset_stale_checkpoint(checkpoint_dir, model_cfg, cfg, card, augment_cfg)
+        devices.barrier(placement, "checkpoint checked")  # the others read what the chief kept
+        history_csv = checkpoint_dir / HISTORY_FILE
+        steps = len(train_batches)
+        stopped_early = out_of_time = False
+        epochs_run = 0
+        started = time.perf_counter()
+        for index, phase in enumerate(transfer.phases(cfg)):
+            done = checkpoint_dir / f"phase{index}.weights.h5"
+            if done.exists():  # finished before an interruption
+                model.load_weights(done)
+                continue
+            backup_dir = checkpoint_dir / f"backup_phase{index}"
+            # Keras peeks at batches before BackupAndRestore moves fit to the saved epoch:
+            # the loader must already be on that epoch's shuffle.
+            resume_at = max(phase.start, backed_up_epoch(backup_dir))
+            devices.agree(placement, resume_at, f"the epoch phase {index + 1} resumes at")
+            train_batches.set_epoch(resume_at)
+            transfer.set_trainable(model, phase.unfrozen, cfg.unfreeze_groups)
+            compile_for_phase(
+                model,
+                cfg,
+                steps,
+                card,
+                phase.start,
+                train_y if segmentation else None,
+                weighted=placement.replicas > 1,
             )
-        with atomic_file(done) as tmp:  # a torn file here would pass for a finished phase
-            model.save_weights(tmp)
-        if model.stop_training:
-            stopped_early, out_of_time = True, budget.reached
-            break
+            guard = divergence_guard()
+            budget = time_budget(cfg.max_minutes, started)
+            callbacks = [
+                guard,
+                EpochOrder(train_batches),
+                epoch_seeds_callback(cfg.seed),
+                standard_logs_callback(),
+                # Record the epoch before backing it up: a crash in between reruns the
+                # epoch (identically) rather than leaving it out of the history.
+                HistoryLog(history_csv, write=placement.chief),
+                *loggers,
+                # Saves model, optimizer and epoch every epoch; a rerun after a crash resumes.
+                AtomicBackupAndRestore(str(backup_dir), write=placement.chief),
+                *early_stopping(cfg),
+                budget,
+                *extra_callbacks,
+            ]
+            fitted = model.fit(
+                train_batches,
+                validation_data=val_batches,
+                initial_epoch=phase.start,
+                epochs=phase.end,
+                callbacks=callbacks,
+                # The loader shuffles by (seed, epoch); Keras's own shuffle of batch order
+                # draws from Python's global `random`, which a resumed process cannot replay.
+                shuffle=False,
+                verbose=1 if sys.stdout.isatty() else 2,
+            )
+            epochs_run += len(fitted.epoch)
+            if guard.found:
+                raise TrainingDiverged(
+                    f"train: {guard.found}; lower train.learning_rate or raise train.warmup_epochs "
+                    "(the run is marked FAILED, nothing is saved or registered)"
+                )
+            if placement.chief:  # a torn file here would pass for a finished phase
+                with atomic_file(done) as tmp:
+                    model.save_weights(tmp)
+            if model.stop_training:
+                stopped_early, out_of_time = True, budget.reached
+                break
     seconds = time.perf_counter() - started
     return TrainResult(
         model=model,
-        history=read_history(history_csv),
+        history=read_history(history_csv) if placement.chief else {},
         policy=policy,
         seconds=seconds,
         # epochs run by this process: fewer than cfg.epochs when resumed
@@ -179,15 +208,22 @@ def fit_model(
     )
 
 
-def loss_and_metrics(cfg: TrainConfig, card: dict, train_masks=None) -> tuple:
+def loss_and_metrics(cfg: TrainConfig, card: dict, train_masks=None, weighted=False) -> tuple:
     """Classification: (label-smoothed) cross-entropy, accuracy and top-5. Segmentation:
     `cfg.loss` without void pixels, optional class weights from the training masks, and
-    mean IoU over the epoch's accumulated confusion matrix."""
+    mean IoU over the epoch's accumulated confusion matrix.
+
+    `weighted`: the classification loss is the mean over rows of nonzero sample weight,
+    so the rows that pad a data-parallel evaluation batch do not dilute it."""
     import keras
 
     num_classes = card["num_classes"]
     if card.get("task") != "segmentation":
-        return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), [
+        reduction = "mean_with_sample_weight" if weighted else "sum_over_batch_size"
+        loss = keras.losses.CategoricalCrossentropy(
+            label_smoothing=cfg.label_smoothing, reduction=reduction
+        )
+        return loss, [
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ]
@@ -207,7 +243,14 @@ def loss_and_metrics(cfg: TrainConfig, card: dict, train_masks=None) -> tuple:
 
 
 def compile_for_phase(
-    model, cfg: TrainConfig, steps: int, card: dict, start_epoch: int, train_masks=None
+    model,
+    cfg: TrainConfig,
+    steps: int,
+    card: dict,
+    start_epoch: int,
+    train_masks=None,
+    *,
+    weighted: bool = False,
 ):
     """Compile with a fresh optimizer whose schedule continues at `start_epoch`."""
     from pipeline.training.optimizers import build_optimizer
@@ -219,11 +262,23 @@ def compile_for_phase(
         lr_scaled=backbone_variable_paths(model) if cfg.init_from else (),
         lr_scale=cfg.backbone_lr_scale,
     )
-    loss, metrics = loss_and_metrics(cfg, card, train_masks)
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    loss, metrics = loss_and_metrics(cfg, card, train_masks, weighted)
+    # Keras weighs only `weighted_metrics` by the sample weights that mark padding rows.
+    metric_arg = "weighted_metrics" if weighted else "metrics"
+    model.compile(optimizer=optimizer, loss=loss, **{metric_arg: metrics})
     if start_epoch:
         model.optimizer.build(model.trainable_variables)
         model.optimizer.iterations.assign(start_epoch * steps)
+
+
+def check_placement(cfg: TrainConfig, placement) -> None:
+    """Settings that several processes cannot share."""
+    if placement.processes > 1 and cfg.max_minutes:
+        raise PipelineError(
+            f"train.max_minutes ({cfg.max_minutes:g}) cannot stop {placement.processes} "
+            "processes together (each would judge time by its own clock); set it to 0 for a "
+            "multi-process training, or bound it with train.epochs"
+        )
 
 
 def early_stopping(cfg: TrainConfig) -> list:

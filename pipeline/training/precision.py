@@ -1,35 +1,10 @@
-"""The only module that asks which Keras backend runs (TensorFlow, JAX or torch)."""
+"""The dtype policy of a training: float32, or mixed precision where the GPU gains from it."""
 
 from __future__ import annotations
 
 import keras
 
-
-def gpu_compute_capability() -> tuple[int, int] | None:
-    """(major, minor) of the first GPU the active backend sees, or None without a GPU."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        if not gpus:
-            return None
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
-        return tuple(capability) if capability else None
-    if backend == "jax":
-        import jax
-
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
-        if not gpus:
-            return None
-        text = str(getattr(gpus[0], "compute_capability", "0.0"))
-        major, _, minor = text.partition(".")
-        return int(major), int(minor or 0)
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
-    return None
+from pipeline.training.devices import gpu_compute_capability
 
 
 def resolve_precision(precision: str) -> str:

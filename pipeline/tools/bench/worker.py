@@ -307,7 +307,7 @@ def has_gpu(framework: str) -> bool:
         import torch
 
         return torch.cuda.is_available()
-    from pipeline.training.precision import gpu_compute_capability
+    from pipeline.training.devices import gpu_compute_capability
 
     return gpu_compute_capability() is not None
 
