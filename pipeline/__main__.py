@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from pipeline import config
@@ -40,8 +41,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from pipeline.stages import train
+    from pipeline.training import cluster
 
     params = config.read_params(args.params)
+    # several processes (hosts): join them before anything touches a device
+    cluster.initialize(cluster.from_env(args))
     result = train.run(
         config.load("model", args.params, params),
         config.load("train", args.params, params),
@@ -375,21 +379,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.command}: {time.perf_counter() - start:.1f} s wall time")
     except PipelineError as exc:
         print(f"error: {mask_urls_in(str(exc))}", file=sys.stderr)
+        _abandon_group(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _abandon_group(130)
         return 130
     except Exception as exc:
         full = out_of_space(exc)
         if full is None:
+            if "pipeline.training.cluster" in sys.modules:
+                traceback.print_exc()
+                _abandon_group(1)
             raise
         print(
             f"error: {args.command}: out of disk space ({full}); free some and rerun: "
             "outputs already finished and training checkpoints were kept",
             file=sys.stderr,
         )
+        _abandon_group(1)
         return 1
     return 0
+
+
+def _abandon_group(code: int) -> None:
+    """A process of a multi-process training exits at once: JAX's shutdown barrier would
+    keep it waiting for peers that wait for it (the peers stop on its missing heartbeat)."""
+    if "pipeline.training.cluster" in sys.modules:
+        from pipeline.training import cluster
+
+        cluster.abandon(code)
 
 
 _OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
