@@ -207,26 +207,6 @@ def _initialized() -> bool:
     return jax.distributed.is_initialized()
 
 
-def barrier(name: str) -> None:
-    """Every process waits here for the others; a no-op for one process."""
-    if _initialized():
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def broadcast_from_chief(value):
-    """The chief's `value` (a number or a NumPy array of the same shape everywhere) on
-    every process, e.g. the epoch to resume from; `value` itself for one process."""
-    if not _initialized():
-        return value
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    result = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
-    return result.item() if result.ndim == 0 else result
-
-
 def abandon(exit_code: int) -> None:
     """End a failed process of a group now (after its one error line): JAX's shutdown
     barrier would wait for peers stuck in a collective that this process will never
