@@ -173,6 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         _names(args.precision),
         args.peer == "timm",
         args.data,
+        args.devices,
+        args.batch_size,
     )
     xla = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
     planned = bench.cases(
@@ -181,6 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         precisions=_names(args.precision),
         xla=xla,
         peer=args.peer == "timm",
+        devices=args.devices,
         image_size=args.image_size,
         batch_size=args.batch_size,
         steps=args.steps,
@@ -316,7 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--xla", choices=["off", "on", "both"], default="off")
     bench.add_argument("--image-size", type=int, default=32, help="synthetic side (default 32)")
-    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--batch-size", type=int, default=64, help="the global batch")
+    bench.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="data-parallel device counts, e.g. 1 2 4: images/s and scaling efficiency each",
+    )
     bench.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     bench.add_argument("--data", default="synthetic", help="synthetic, or prepared (data/prepared)")

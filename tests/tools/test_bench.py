@@ -98,6 +98,28 @@ def test_baseline_prints_ratios_and_mlflow_logs_a_run(sweep, tmp_path):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"again.jsonl", "again.md"}
 
 
+def test_devices_give_a_row_per_count_and_the_scaling_efficiency(tmp_path):
+    """JAX on 1 and 2 devices (fake CPU devices here, which the output says once)."""
+    args = ["bench", "--arch", "lenet5", "--backend", "jax", "--devices", "1", "2"]
+    args += ["--image-size", "16", *TINY, "--out", "r.jsonl"]
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines())
+    assert (one["devices"], two["devices"]) == (1, 2) and two["status"] == "ok", two
+    assert two["device_platform"] == "cpu"
+    assert two["train_images_per_s_per_device"] == pytest.approx(two["train_images_per_s"] / 2)
+    assert two["scaling_efficiency"] == pytest.approx(
+        two["train_images_per_s"] / (2 * one["train_images_per_s"])
+    )
+    assert "scaling_efficiency" not in one
+    assert "lenet5 keras/jax float32 xla on 2 devices: train " in done.stdout
+    assert "scaling efficiency " in done.stdout
+    assert done.stdout.count("fake CPU devices sharing the same cores") == 1
+    rows = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("| ")]
+    assert "| devices |" in rows[0] and "| scaling eff. |" in rows[0] and len(rows) == 3
+    assert "| 8 | 2 |" in rows[2] and "% |" in rows[2]
+
+
 @pytest.mark.parametrize(
     "args, key",
     [
@@ -106,6 +128,7 @@ def test_baseline_prints_ratios_and_mlflow_logs_a_run(sweep, tmp_path):
         (["--precision", "fp8"], "--precision"),
         (["--arch", "lenet5", "--peer", "timm"], "--peer timm"),
         (["--data", "imagenet"], "--data"),
+        (["--devices", "1", "3", "--batch-size", "8"], "--devices 3"),
     ],
 )
 def test_bad_options_are_one_line_errors(args, key, tmp_path):

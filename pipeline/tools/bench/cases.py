@@ -46,11 +46,13 @@ class Case:
     prepared_dir: str = "data/prepared"
     num_classes: int = 10
     small_input: bool = True
+    devices: int = 1  # data-parallel replicas; batch_size is the global batch
 
     def key(self) -> tuple:
         """What a baseline row must match to be compared with this one."""
-        return (self.arch, self.framework, self.backend, self.precision, self.xla)
+        return (self.arch, self.framework, self.backend, self.precision, self.xla, self.devices)
 
     def label(self) -> str:
         xla = "xla" if self.xla else "no-xla"
-        return f"{self.arch} {self.framework}/{self.backend} {self.precision} {xla}"
+        on = f" on {self.devices} devices" if self.devices > 1 else ""
+        return f"{self.arch} {self.framework}/{self.backend} {self.precision} {xla}{on}"

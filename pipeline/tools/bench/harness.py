@@ -37,6 +37,11 @@ from pipeline.tools.bench.cases import BACKENDS, PRECISIONS, TIMM_NAMES, Case
 
 CASE_TIMEOUT_S = 1800
 
+FAKE_DEVICES = (
+    "note: the devices are fake CPU devices sharing the same cores; images/s per device "
+    "count and scaling efficiency say nothing about real multi-device scaling here"
+)
+
 
 @dataclass
 class Result:
@@ -57,24 +62,34 @@ def cases(
     precisions: list[str],
     xla: list[bool],
     peer: bool,
+    devices: list[int] = (1,),
     **common,
 ) -> list[Case]:
-    """Every (arch, backend, precision, xla) case, and with `peer` the timm case of each
-    (arch, precision, xla) next to them, for the architectures timm has."""
+    """Every (arch, backend, precision, xla, devices) case, device counts side by side, and
+    with `peer` the timm case of each (arch, precision, xla) next to them, on one device,
+    for the architectures timm has."""
     out = []
     for arch in archs:
         for precision in precisions:
             for jit in xla:
                 # The JAX backend always compiles the step with XLA (jax.jit).
-                out += [Case(arch, "keras", b, precision, jit or b == "jax", **common)
-                        for b in backends]  # fmt: skip
+                out += [Case(arch, "keras", b, precision, jit or b == "jax", devices=n, **common)
+                        for b in backends for n in sorted(set(devices))]  # fmt: skip
                 if peer and arch in TIMM_NAMES:
                     out.append(Case(arch, "timm", "torch", precision, jit, **common))
     return list(dict.fromkeys(out))  # without repeats (JAX under --xla both)
 
 
-def check_options(archs: list[str], backends, precisions, peer: bool, data: str) -> list[str]:
-    """Validate names; expand `all`. Returns the architecture list."""
+def check_options(
+    archs: list[str],
+    backends,
+    precisions,
+    peer: bool,
+    data: str,
+    devices: list[int] = (1,),
+    batch_size: int = 1,
+) -> list[str]:
+    """Validate names and device counts; expand `all`. Returns the architecture list."""
     from pipeline.models.architectures import list_models
 
     known = list_models()
@@ -95,6 +110,16 @@ def check_options(archs: list[str], backends, precisions, peer: bool, data: str)
             )
     if data not in ("synthetic", "prepared"):
         raise ConfigError(f"bench --data: {data!r} is not synthetic or prepared")
+    for n in devices:
+        if n < 1:
+            raise ConfigError(f"bench --devices: {n} is not a device count (1 or more)")
+        if batch_size % n:
+            raise ConfigError(
+                f"bench --batch-size {batch_size}: the global batch must split evenly over "
+                f"--devices {n} (use a multiple of {n})"
+            )
+    if max(devices) > 1 and "torch" in backends:
+        raise ConfigError("bench --devices: data parallelism needs the jax or tensorflow backend")
     if peer and not any(a in TIMM_NAMES for a in archs):
         raise ConfigError(
             f"bench --peer timm: no timm counterpart for {', '.join(archs)} "
@@ -106,7 +131,7 @@ def check_options(archs: list[str], backends, precisions, peer: bool, data: str)
 def run_case(case: Case, *, timeout_s: float = CASE_TIMEOUT_S) -> Result:
     """Measure one case in a fresh worker process; a crash or timeout is a failed Result."""
     figures, error = _worker([json.dumps(asdict(case))], _runner(case.framework, case.backend),
-                             timeout_s)  # fmt: skip
+                             timeout_s, case.devices)  # fmt: skip
     return Result(case, figures=figures) if figures is not None else Result(case, "failed", error)
 
 
@@ -124,18 +149,29 @@ def matmul_peaks(planned: list[Case], side: int = 0, *, echo=print) -> dict[str,
     return peaks
 
 
+def _has_gpu() -> bool:
+    """Whether this host has an NVIDIA GPU, asked without importing a framework."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
 def _runner(framework: str, backend: str) -> str:
     """What runs a case: the Keras backend, or "torch" for timm."""
     return "torch" if framework == "timm" else backend
 
 
-def _worker(args: list[str], runner: str, timeout_s: float) -> tuple[dict | None, str]:
-    """`python -m pipeline.tools.bench.worker ARGS` on `runner`: (its JSON figures, "") or (None,
-    why it failed)."""
+def _worker(
+    args: list[str], runner: str, timeout_s: float, replicas: int = 1
+) -> tuple[dict | None, str]:
+    """`python -m pipeline.tools.bench.worker ARGS` on `runner` (with `replicas` devices):
+    (its JSON figures, "") or (None, why it failed)."""
     env = dict(os.environ)
     if runner != "torch":
         env["KERAS_BACKEND"] = runner
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if replicas > 1 and runner == "jax" and not _has_gpu():
+        # One CPU is one JAX device: split it into `replicas` fake ones sharing its cores.
+        flag = f"--xla_force_host_platform_device_count={replicas}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     command = [sys.executable, "-m", "pipeline.tools.bench.worker", *args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -156,6 +192,22 @@ def with_mfu(record: dict, peaks: dict[str, float]) -> dict:
         "matmul_tflops": peak,
         "mfu": record["train_gflops_per_s"] / (peak * 1000),
     }
+
+
+def with_scaling(record: dict, earlier: list[dict]) -> dict:
+    """`record` with its images/s per device and, when the same case on one device was
+    measured, its scaling efficiency: images/s on N / (N x images/s on 1)."""
+    n = record.get("devices", 1)
+    if record["status"] != "ok":
+        return record
+    out = record | {"train_images_per_s_per_device": record["train_images_per_s"] / n}
+    single = [r for r in earlier if r["status"] == "ok" and r.get("devices", 1) == 1
+              and _key(r)[:-1] == _key(record)[:-1]]  # fmt: skip
+    if single:
+        out["scaling_efficiency"] = record["train_images_per_s"] / (
+            n * single[-1]["train_images_per_s"]
+        )
+    return out
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:
@@ -214,14 +266,19 @@ def sweep(
         info["matmul_tflops"] = peaks
         echo("bf16 matmul peak: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks.items()))
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, shared_note = [], ""
     for i, case in enumerate(planned, 1):
         result = run_case(case)
-        record = with_mfu(result.record(info), peaks)
+        record = with_scaling(with_mfu(result.record(info), peaks), records)
         records.append(record)
         with open(jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
         echo(f"[{i}/{len(planned)}] {case.label()}: {summary(record)}")
+        if case.devices > 1 and record.get("device_platform") == "cpu" and not shared_note:
+            shared_note = FAKE_DEVICES
+            echo(FAKE_DEVICES)
+    if shared_note:
+        info["note"] = shared_note
     if markdown:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(table(records, info))
@@ -238,6 +295,10 @@ def summary(record: dict) -> str:
     )
     if record.get("input_images_per_s"):
         text += f", input {record['input_images_per_s']:.0f} img/s"
+    if record.get("devices", 1) > 1:
+        text += f", {record['train_images_per_s_per_device']:.0f} img/s per device"
+    if "scaling_efficiency" in record:
+        text += f", scaling efficiency {record['scaling_efficiency']:.0%}"
     return text
 
 
@@ -248,7 +309,10 @@ COLUMNS = [
     ("precision", "precision"),
     ("XLA", "xla"),
     ("batch", "batch_size"),
+    ("devices", "devices"),
     ("train img/s", "train_images_per_s"),
+    ("per device", "train_images_per_s_per_device"),
+    ("scaling eff.", "scaling_efficiency"),
     ("step ms (median, IQR)", "step"),
     ("infer img/s", "infer_images_per_s"),
     ("input img/s", "input_images_per_s"),
@@ -284,6 +348,7 @@ def table(records: list[dict], info: dict) -> str:
             else []
         ),
         f"Command: `{info['command']}`",
+        *([f"Note: {info['note'].removeprefix('note: ')}"] if info.get("note") else []),
         "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|"
@@ -303,6 +368,8 @@ def _cell(r: dict, key: str, peers: dict) -> str:
         return str(r[key])
     if key == "xla":
         return "on" if r["xla"] else "off"
+    if key == "devices":
+        return str(r.get("devices", 1))
     if r["status"] != "ok":
         return f"{r['status']}: {r['error'][:60]}" if key == "train_images_per_s" else ""
     if key == "step":
@@ -311,7 +378,7 @@ def _cell(r: dict, key: str, peers: dict) -> str:
         peer = peers.get((r["arch"], r["precision"], r["xla"])) or peers.get(
             (r["arch"], r["precision"], None)
         )
-        if r["framework"] == "timm" or not peer:
+        if r["framework"] == "timm" or not peer or r.get("devices", 1) > 1:
             return ""
         if abs(peer["mmacs_per_image"] / r["mmacs_per_image"] - 1) > 0.05:
             return "other network (MACs differ)"
@@ -319,8 +386,8 @@ def _cell(r: dict, key: str, peers: dict) -> str:
     value = r.get(key)
     if value is None:
         return "–"
-    if key == "mfu":
-        return f"{value:.1%}"
+    if key in ("mfu", "scaling_efficiency"):
+        return f"{value:.1%}" if key == "mfu" else f"{value:.0%}"
     return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
 
@@ -346,7 +413,7 @@ def compare_with_baseline(records: list[dict], baseline: Path) -> list[str]:
 
 def _key(r: dict) -> tuple:
     return (r["arch"], r["framework"], r["backend"], r["precision"], r["xla"],
-            r["image_size"], r["batch_size"])  # fmt: skip
+            r["image_size"], r["batch_size"], r.get("devices", 1))  # fmt: skip
 
 
 def _case_fields(r: dict) -> dict:

@@ -89,18 +89,22 @@ def keras_case(case, images, labels, num_classes) -> dict:
     from pipeline.data.loader import ArrayBatches
     from pipeline.models.architectures import build_model
     from pipeline.models.model_card import model_card
+    from pipeline.training import devices
     from pipeline.training.precision import set_precision
 
+    placement, replicated = replicas(case)
     set_precision(case.precision)
     shape = tuple(images.shape[1:])
-    model = build_model(case.arch, shape, num_classes, small_input=case.small_input)
-    macs = model_card(model)["macs"]
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-3),
-        loss=keras.losses.CategoricalCrossentropy(),
-        jit_compile=case.xla,
-        auto_scale_loss=case.precision == "mixed_float16",
-    )
+    with replicated:
+        model = build_model(case.arch, shape, num_classes, small_input=case.small_input)
+        devices.synchronize_batch_norm(model, placement)
+        macs = model_card(model)["macs"]
+        model.compile(
+            optimizer=keras.optimizers.AdamW(1e-3),
+            loss=keras.losses.CategoricalCrossentropy(),
+            jit_compile=case.xla,
+            auto_scale_loss=case.precision == "mixed_float16",
+        )
     batches = ArrayBatches(images, labels, case.batch_size, num_classes=num_classes)
     feed = [batches[i] for i in range(min(len(batches), 4))]
     feed = [(x, y) for x, y in feed if len(x) == case.batch_size] or feed
@@ -120,7 +124,52 @@ def keras_case(case, images, labels, num_classes) -> dict:
     return figures(case, first, train_times, infer_times, macs, keras_device_peak_mb()) | {
         "input_images_per_s": input_pipeline(case, images, labels, num_classes),
         "policy": keras.mixed_precision.global_policy().name,
+        "device_platform": placement.device_kinds()[0].rsplit(":", 1)[-1].lower(),
     }
+
+
+def replicas(case):
+    """(the placement on the first `case.devices` devices, the scope to build, compile and
+    train in): data-parallel over them, or nothing for one device."""
+    import contextlib
+
+    import keras
+
+    from pipeline.errors import ConfigError
+    from pipeline.training import devices
+
+    backend = keras.backend.backend()
+    if case.devices > 1 and backend == "tensorflow":
+        split_tensorflow_cpu(case.devices)
+    found = devices.training_devices()
+    if case.devices == 1:
+        return devices.Placement("none", found[:1]), contextlib.nullcontext()
+    if len(found) < case.devices:
+        raise ConfigError(
+            f"bench --devices {case.devices}: the {backend} backend sees {len(found)} "
+            f"device(s) ({', '.join(found)})"
+        )
+    placement = devices.Placement("data_parallel", found[: case.devices])
+    if backend == "jax" and case.devices < len(found):
+        # devices.scope() spreads over every device; this case wants the first N only.
+        distribution = keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices()[: case.devices], auto_shard_dataset=False
+        )
+        return placement, distribution.scope()
+    return placement, devices.scope(placement)
+
+
+def split_tensorflow_cpu(count: int) -> None:
+    """Without GPUs, TensorFlow sees one CPU: split it into `count` logical ones (sharing
+    the same cores) so MirroredStrategy has replicas."""
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    if tf.config.list_physical_devices("GPU") or len(cpus) != 1:
+        return
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * count
+    )
 
 
 def keras_device_peak_mb() -> float | None:
