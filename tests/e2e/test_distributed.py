@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK_RUN, copy_project, edit_params, pipeline_env, run_cli, sh
+from conftest import QUICK_RUN, copy_project, pipeline_env, run_cli, sh
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,14 @@ EXPERIMENT = "digits-cnn"
 # placements must be comparable (module docstring). 1257 images: 9 batches of 128, the
 # last cut to 104 (a multiple of 4 replicas).
 COMPARED = {**QUICK_RUN, "train.epochs": 2, "model.norm": "none", "model.dropout": 0.0}
+LAUNCH_2 = ["launch", "--processes", "2", "--", "train"]
+# The chief's per-epoch backup (Keras's save_weights builds a throwaway optimizer: a new
+# variable, placed by a collective under DataParallel) pairs with the other process's next
+# collective, and both fail at the end of epoch 1. Fix: save outside the distribution.
+CHIEF_SAVE_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="the chief's save_weights makes a collective the other processes never enter",
+)
 
 
 def jax_env(devices: int) -> dict[str, str]:
@@ -82,9 +90,9 @@ def weights(repo: Path) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
     with h5py.File(io.BytesIO(data), "r") as h5:
         h5.visititems(
-            lambda name, item: found.__setitem__(name, item[()])
-            if isinstance(item, h5py.Dataset)
-            else None
+            lambda name, item: (
+                found.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+            )
         )
     return found
 
@@ -104,8 +112,8 @@ def assert_same_training(reference: Path, other: Path) -> None:
         assert np.abs(a[key] - b[key]).max() <= 1e-3 * scale, key
 
 
-def train(repo: Path, devices: int, *args: str) -> subprocess.CompletedProcess:
-    return run_cli([*args] or ["train"], repo, **jax_env(devices))
+def train(repo: Path, devices: int) -> subprocess.CompletedProcess:
+    return run_cli(["train"], repo, **jax_env(devices))
 
 
 def finished_run(repo: Path):
@@ -180,12 +188,13 @@ def test_one_device_refuses_data_parallel_in_one_line(prepared):
     assert not (prepared / "data" / "checkpoints").exists()
 
 
+@CHIEF_SAVE_BUG
 def test_two_processes_of_two_devices_train_as_one_process_of_four(prepared, reference, tmp_path):
     """`launch --processes 2 -- train`: exit 0, one MLflow run (the chief's) recording 4
     replicas in 2 processes, one model, and the history and weights of one process with
     4 devices."""
     repo = copy_of(prepared, tmp_path / "project")
-    done = run_cli(["launch", "--processes", "2", "--", "train"], repo, **jax_env(2))
+    done = run_cli(LAUNCH_2, repo, **jax_env(2))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "[p0] train:" in done.stdout and "[p1] train:" in done.stdout
@@ -203,20 +212,28 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(prepared, ref
         assert steps == [0, 1], metric
 
 
-def test_killed_four_device_training_resumes_to_the_uninterrupted_result(
-    prepared, reference, tmp_path
+@pytest.mark.parametrize(
+    ("devices", "command"),
+    [
+        pytest.param(4, ["train"], id="1-process"),
+        pytest.param(2, LAUNCH_2, marks=CHIEF_SAVE_BUG, id="2-processes"),
+    ],
+)
+def test_killed_training_resumes_to_the_uninterrupted_result(
+    prepared, reference, tmp_path, devices, command
 ):
-    """SIGKILL after epoch 1's checkpoint, then train again: epoch 2 only, in the same
-    MLflow run (tag resumed), ending with the uninterrupted training's history and weights."""
+    """SIGKILL (every process) after epoch 1's checkpoint, then the same command again:
+    epoch 2 only, in the same MLflow run (tag resumed), ending with the uninterrupted
+    4-device training's history and weights."""
     repo = copy_of(prepared, tmp_path / "project")
     metadata = repo / "data" / "checkpoints" / "backup_phase0" / "training_metadata.json"
     training = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train"],
+        [sys.executable, "-m", "pipeline", *command],
         cwd=repo,
-        env=pipeline_env(**jax_env(4)),
+        env=pipeline_env(**jax_env(devices)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        start_new_session=True,  # the launcher and its children: one group to kill
     )
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -234,7 +251,7 @@ def test_killed_four_device_training_resumes_to_the_uninterrupted_result(
     (killed,) = runs(repo)
     assert killed.info.status == "RUNNING"
 
-    done = train(repo, 4)
+    done = run_cli(command, repo, **jax_env(devices))
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "Epoch 1/2" not in output and "Epoch 2/2" in output  # continued, not restarted
