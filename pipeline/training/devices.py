@@ -146,7 +146,8 @@ def scope(placement: Placement):
         # Each process's loader yields its own slice of every global batch (keras#21430):
         # Keras must not shard it again.
         distribution = keras.distribution.DataParallel(
-            devices=keras.distribution.list_devices(), auto_shard_dataset=False
+            devices=keras.distribution.list_devices()[: placement.replicas],
+            auto_shard_dataset=False,
         )
         with distribution.scope():
             yield

@@ -150,12 +150,6 @@ def replicas(case):
             f"device(s) ({', '.join(found)})"
         )
     placement = devices.Placement("data_parallel", found[: case.devices])
-    if backend == "jax" and case.devices < len(found):
-        # devices.scope() spreads over every device; this case wants the first N only.
-        distribution = keras.distribution.DataParallel(
-            devices=keras.distribution.list_devices()[: case.devices], auto_shard_dataset=False
-        )
-        return placement, distribution.scope()
     return placement, devices.scope(placement)
 
 
