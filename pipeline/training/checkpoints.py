@@ -41,8 +41,10 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     def _save_model(self):
         if not self.write:
             return
+        from pipeline.training.devices import local_variables
+
         backup_dir = Path(self.backup_dir)
-        with atomic_dir(backup_dir) as tmp:
+        with local_variables(), atomic_dir(backup_dir) as tmp:
             self.model.save_weights(tmp / Path(self._weights_path).name)
             metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
             (tmp / Path(self._training_metadata_path).name).write_text(json.dumps(metadata))

@@ -198,3 +198,19 @@ def agree(placement: Placement, value: int, what: str) -> None:
             "same data/ and checkpoint folder (a shared filesystem, or the same files on each "
             "host)"
         )
+
+
+@contextlib.contextmanager
+def local_variables():
+    """New variables on this process alone, for the chief's saves inside `fit`: saving
+    weights builds throwaway variables, and under JAX's DataParallel each new variable is
+    placed by a collective that the other processes, not saving, would never enter."""
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
+        yield
+        return
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)

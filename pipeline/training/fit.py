@@ -189,7 +189,7 @@ def fit_model(
                     "(the run is marked FAILED, nothing is saved or registered)"
                 )
             if placement.chief:  # a torn file here would pass for a finished phase
-                with atomic_file(done) as tmp:
+                with devices.local_variables(), atomic_file(done) as tmp:
                     model.save_weights(tmp)
             if model.stop_training:
                 stopped_early, out_of_time = True, budget.reached

@@ -39,13 +39,6 @@ EXPERIMENT = "digits-cnn"
 # last cut to 104 (a multiple of 4 replicas).
 COMPARED = {**QUICK_RUN, "train.epochs": 2, "model.norm": "none", "model.dropout": 0.0}
 LAUNCH_2 = ["launch", "--processes", "2", "--", "train"]
-# The chief's per-epoch backup (Keras's save_weights builds a throwaway optimizer: a new
-# variable, placed by a collective under DataParallel) pairs with the other process's next
-# collective, and both fail at the end of epoch 1. Fix: save outside the distribution.
-CHIEF_SAVE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="the chief's save_weights makes a collective the other processes never enter",
-)
 
 
 def jax_env(devices: int) -> dict[str, str]:
@@ -188,7 +181,6 @@ def test_one_device_refuses_data_parallel_in_one_line(prepared):
     assert not (prepared / "data" / "checkpoints").exists()
 
 
-@CHIEF_SAVE_BUG
 def test_two_processes_of_two_devices_train_as_one_process_of_four(prepared, reference, tmp_path):
     """`launch --processes 2 -- train`: exit 0, one MLflow run (the chief's) recording 4
     replicas in 2 processes, one model, and the history and weights of one process with
@@ -216,7 +208,7 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(prepared, ref
     ("devices", "command"),
     [
         pytest.param(4, ["train"], id="1-process"),
-        pytest.param(2, LAUNCH_2, marks=CHIEF_SAVE_BUG, id="2-processes"),
+        pytest.param(2, LAUNCH_2, id="2-processes"),
     ],
 )
 def test_killed_training_resumes_to_the_uninterrupted_result(
