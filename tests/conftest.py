@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -395,3 +397,16 @@ def epoch_counter(stop_after: int | None = None):
                 raise KeyboardInterrupt("simulated interruption")
 
     return EpochCounter()
+
+
+def wait_for_backup(metadata: Path, epoch: int, process, timeout_s: float) -> None:
+    """Return once Keras's backup `metadata` (training_metadata.json) records `epoch`, the
+    training `process` ended, or `timeout_s` passed: the moment a kill test kills."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(metadata.read_text())["epoch"] >= epoch:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)

@@ -22,13 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK_RUN, copy_project, pipeline_env, run_cli, sh
+from conftest import QUICK_RUN, copy_project, pipeline_env, run_cli, sh, wait_for_backup
 
 pytestmark = pytest.mark.slow
 
@@ -228,14 +227,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(
         start_new_session=True,  # the launcher and its children: one group to kill
     )
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline and training.poll() is None:
-            try:
-                if json.loads(metadata.read_text())["epoch"] >= 1:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.01)
+        wait_for_backup(metadata, 1, training, TIMEOUT_S)
     finally:
         os.killpg(training.pid, signal.SIGKILL)
     assert training.wait(timeout=60) == -signal.SIGKILL, "training ended before it was killed"

@@ -27,6 +27,7 @@ from conftest import (
     run_cli,
     server_process,
     sh,
+    wait_for_backup,
 )
 from PIL import Image
 
@@ -502,7 +503,6 @@ def test_killed_repro_resumes_and_ends_with_the_uninterrupted_metrics(project):
     epoch, in the same MLflow run, and ends with the metrics of an uninterrupted run."""
     import os
     import signal
-    import time
 
     edit_params(
         project,
@@ -528,14 +528,7 @@ def test_killed_repro_resumes_and_ends_with_the_uninterrupted_metrics(project):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and training.poll() is None:
-        try:
-            if json.loads(metadata.read_text())["epoch"] >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
+    wait_for_backup(metadata, 2, training, 300)
     os.killpg(training.pid, signal.SIGKILL)
     assert training.wait() == -signal.SIGKILL, "training finished before it could be killed"
     # no model from the killed training: the last one stays (train's outputs persist)
