@@ -28,12 +28,23 @@ $(VENV)/.installed-run: pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(LOCK) -e .
 	touch $@
 
+# The PyTorch-parity tests (tests/models/test_torch_weights.py, tests/e2e/test_pretrained.py)
+# compare with timm on PyTorch's CPU build; pip takes it from this machine's wheel folder
+# where there is one. timm without its dependencies: it imports torchvision, which has no
+# CPU build on PyPI (pipeline/tools/bench/torchvision_stand_in.py stands in for it).
+# Neither is in the lock: they are test tools, not what the pipeline runs on.
+TORCH_TEST := torch==2.13.0
+TIMM_TEST := timm==1.0.31
+
 $(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test,jax]"
+	$(BIN)/pip install --quiet $(TORCH_TEST)
+	$(BIN)/pip install --quiet --no-deps $(TIMM_TEST)
 	touch $@ $(VENV)/.installed-run
 
 lock: $(VENV)/.installed-test
-	{ sed -n '/^#/p' $(LOCK); $(BIN)/pip freeze --exclude-editable; } > $(LOCK).new
+	{ sed -n '/^#/p' $(LOCK); \
+	  $(BIN)/pip freeze --exclude-editable --exclude torch --exclude timm; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
 run: $(VENV)/.installed-run
@@ -43,8 +54,8 @@ lint: $(VENV)/.installed-test
 	ruff check pipeline tests
 	ruff format --check pipeline tests
 
-# The whole suite on TensorFlow, then the zoo, operator, augmentation, optimizer, loss and
-# segmentation model tests again on JAX (the GPU machines have JAX and no TensorFlow).
+# The whole suite on TensorFlow, then the zoo, operator, augmentation, optimizer, loss,
+# segmentation model and explain tests again on JAX (the GPU machines have JAX and no TensorFlow).
 # Two workers. On TensorFlow each takes a whole file at a time: the end-to-end tests of
 # test_e2e.py share one project and run in order, as a user's session would.
 # The browser test drives Debian's chromium; the team-server test starts Debian's PostgreSQL.
@@ -64,4 +75,4 @@ services:
 
 test: lint services
 	python -m pytest -n 2 --dist loadfile
-	KERAS_BACKEND=jax python -m pytest -n 2 --dist load tests/models/test_zoo.py tests/models/test_layers.py tests/models/test_segmentation_models.py tests/training/test_augment.py tests/training/test_optimizers.py tests/training/test_losses.py
+	KERAS_BACKEND=jax python -m pytest -n 2 --dist load tests/models/test_zoo.py tests/models/test_layers.py tests/models/test_segmentation_models.py tests/training/test_augment.py tests/training/test_optimizers.py tests/training/test_losses.py tests/explain

@@ -23,6 +23,11 @@ from pipeline.tensorflow_logs import quiet_tensorflow_startup
 from pipeline.versions import drift_warning
 
 STAGES = ("fetch", "prepare", "train", "evaluate", "register")
+# --model of the tools that load a trained model (predict, explain, probe)
+MODEL_URI_HELP = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
+    "(default: this project's data/model)"
+)
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
@@ -131,6 +136,40 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise ConfigError("predict: give a folder of images (predict DIR or --input DIR)")
     count = predict.run(images, args.output, model_uri=args.model, progress=True)
     print(f"predict: {count} images -> {args.output}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from pipeline.tools import explain
+
+    methods = explain.parse_methods(args.method)
+    index = explain.run(
+        args.input,
+        args.out,
+        methods=methods,
+        model_uri=args.model,
+        layer=args.layer,
+        class_name=args.class_name,
+        limit=args.limit,
+    )
+    print(f"explain: {len(index['images'])} images, {','.join(methods)} -> {args.out}")
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from pipeline.tools import probe
+
+    rows, files, run_id = probe.run(
+        args.out,
+        model_uri=args.model,
+        prepared_dir=args.prepared,
+        max_train=args.max_train,
+        log=not args.no_log,
+    )
+    for row in rows:
+        print(
+            f"probe: {row.kind:>14} {row.layer:<28} val {row.val_top1:.4f} test {row.test_top1:.4f}"
+        )
+    logged = f", logged to MLflow run {run_id} (probe/)" if run_id else ""
+    print(f"probe: table in {files[1]}, chart {files[2]}{logged}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -261,10 +300,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--model",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model "
-        "(default: this project's data/model)",
+        help=MODEL_URI_HELP,
     )
     predict.set_defaults(func=cmd_predict)
+    explain = commands.add_parser(
+        "explain",
+        help="what a classifier looks at: Grad-CAM, saliency, feature maps, filters, "
+        "activation maximization, ViT attention (PNGs + index.json; docs/explain.md)",
+    )
+    explain.add_argument(
+        "--input",
+        required=True,
+        help="a folder of images (searched recursively), or a split of data/prepared "
+        "(train, val, test)",
+    )
+    explain.add_argument("--out", type=Path, required=True, help="output folder (replaced whole)")
+    explain.add_argument(
+        "--model",
+        help=MODEL_URI_HELP,
+    )
+    explain.add_argument(
+        "--method",
+        default="gradcam",
+        help="comma-separated: gradcam,gradcampp,saliency,smoothgrad,features,filters,"
+        "maximize,attention (default: gradcam)",
+    )
+    explain.add_argument(
+        "--layer", help="Grad-CAM's, feature maps' or maximize's layer (default: per method)"
+    )
+    explain.add_argument(
+        "--class",
+        dest="class_name",
+        metavar="NAME",
+        help="explain this class (default: each image's predicted one)",
+    )
+    explain.add_argument(
+        "--limit", type=int, help="at most N images (default: all of a folder, 16 of a split)"
+    )
+    explain.set_defaults(func=cmd_explain)
+    probe = commands.add_parser(
+        "probe",
+        help="linear probes: how well each stage's pooled features tell the classes apart "
+        "(table + chart, logged to the model's MLflow run; docs/explain.md)",
+    )
+    probe.add_argument(
+        "--model",
+        help=MODEL_URI_HELP,
+    )
+    probe.add_argument(
+        "--out", type=Path, default=Path("reports/probe"), help="default: reports/probe"
+    )
+    probe.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("data/prepared"),
+        help="the prepared splits the probes fit and score (default: data/prepared)",
+    )
+    probe.add_argument(
+        "--max-train", type=int, default=5000, help="train images the probes fit on (default 5000)"
+    )
+    probe.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    probe.set_defaults(func=cmd_probe)
     models = commands.add_parser(
         "models", help="model card per architecture: params, MACs, depth, receptive field"
     )

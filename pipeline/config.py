@@ -171,10 +171,30 @@ class ModelConfig:
     encoder: str = "plain"
     upsampling: Literal["bilinear", "transpose"] = "bilinear"
     aspp_rates: tuple[int, ...] = _num((6, 12, 18), ge=1, le=128)
+    # Start from published weights (pipeline.models.pretrained): none | imagenet (Keras's
+    # own, keras.applications families) | a path or http(s) URL of a Keras weights file
+    # (.h5) or of a PyTorch state dict (.pth, .pt, .safetensors: torchvision/timm layouts)
+    pretrained: str = "none"
+    # How the model scales its 0..255 pixels: auto = as the weights ask (unit [0, 1]
+    # without; ImageNet mean/std for PyTorch weights; each Keras family's own) | unit |
+    # imagenet | symmetric ([-1, 1], e.g. timm's augreg ViTs)
+    input_norm: Literal["auto", "unit", "imagenet", "symmetric"] = "auto"
+    # vit_*: classify from a learned class token (timm's global_pool "token") instead of
+    # the average of the patch tokens; what timm's and the original ViT weights need
+    class_token: bool = False
 
     def __post_init__(self) -> None:
         if not self.aspp_rates:
             raise ConfigError("model.aspp_rates must list at least one rate, got []")
+        value = self.pretrained
+        if not value.strip():
+            raise ConfigError("model.pretrained must be none, imagenet, or a path or URL")
+        if value not in ("none", "imagenet") and not value.lower().startswith(
+            ("http://", "https://")
+        ):
+            if value.lower().startswith("file:"):
+                raise ConfigError(f"model.pretrained {value!r}: give the file's path, not a URL")
+            check_path("model.pretrained", value)
 
     @property
     def segmentation(self) -> bool:
@@ -256,18 +276,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.milestones must be increasing epochs, got {list(self.milestones)}"
             )
-        if self.finetune != "full" and not self.init_from:
-            raise ConfigError(
-                f"train.finetune: {self.finetune} needs train.init_from (a model to start from)"
-            )
         if self.init_from and not self.init_from.startswith(("models:/", "runs:/")):
             check_path("train.init_from", self.init_from)
-        if self.backbone_lr_scale != 1 and not self.init_from:
-            raise ConfigError(
-                f"train.backbone_lr_scale {self.backbone_lr_scale} needs train.init_from (it "
-                "scales a loaded backbone's learning rate; without one it does nothing): "
-                "leave it at 1.0"
-            )
 
 
 @dataclass(frozen=True)
@@ -295,9 +305,43 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """How the test split is scored."""
+    """How the test split is scored, and what evaluate shows of the network."""
 
     batch_size: int = _num(256, ge=1, le=BATCH_MAX)
+    # Dead ReLU units and the effective receptive field; classifiers also get Grad-CAM
+    # grids of the most confident correct and wrong test images (docs/explain.md)
+    explain: bool = True
+    gradcam_images: int = _num(8, ge=1, le=64)  # per grid; classification only
+    erf_images: int = _num(32, ge=1, le=1024)  # test images the receptive field averages
+
+    def __post_init__(self) -> None:
+        if self.explain:
+            return
+        for key in ("gradcam_images", "erf_images"):
+            value = getattr(self, key)
+            if value != _default(EvaluateConfig, key):
+                raise ConfigError(
+                    f"evaluate.{key}: {value} does nothing with evaluate.explain: false; "
+                    "remove it or set explain: true"
+                )
+
+
+def _default(cls: type, key: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == key)
+
+
+def check_evaluate(task: str, cfg: EvaluateConfig) -> None:
+    """Grad-CAM grids need one class score per image: a segmentation run refuses a
+    gradcam_images other than the default (which it ignores)."""
+    if (
+        task == "segmentation"
+        and cfg.explain
+        and cfg.gradcam_images != _default(EvaluateConfig, "gradcam_images")
+    ):
+        raise ConfigError(
+            f"evaluate.gradcam_images: {cfg.gradcam_images} does nothing for task: "
+            "segmentation (Grad-CAM grids are for classifiers); remove it"
+        )
 
 
 @dataclass(frozen=True)
@@ -636,6 +680,30 @@ def check_task(task: str, model: ModelConfig, train: TrainConfig) -> None:
         raise ConfigError("train.label_smoothing applies to task: classification")
 
 
+def check_transfer(model: ModelConfig, train: TrainConfig) -> None:
+    """Fine-tuning settings need weights to start from: train.init_from or model.pretrained
+    (one of them: both would load twice)."""
+    pretrained = model.pretrained != "none"
+    if train.init_from and pretrained:
+        raise ConfigError(
+            f"train.init_from and model.pretrained both give starting weights; keep one "
+            f"(init_from {train.init_from}, pretrained {model.pretrained})"
+        )
+    if train.init_from or pretrained:
+        return
+    if train.finetune != "full":
+        raise ConfigError(
+            f"train.finetune: {train.finetune} needs weights to start from: "
+            "model.pretrained or train.init_from"
+        )
+    if train.backbone_lr_scale != 1:
+        raise ConfigError(
+            f"train.backbone_lr_scale {train.backbone_lr_scale} needs model.pretrained or "
+            "train.init_from (it scales a loaded backbone's learning rate; without one it "
+            "does nothing): leave it at 1.0"
+        )
+
+
 def load_all(path: Path = DEFAULT_PARAMS, *, model_check=None) -> dict[str, Any]:
     """Every section and the task, validated together: for `pipeline check` and for tests.
 
@@ -649,7 +717,9 @@ def load_all(path: Path = DEFAULT_PARAMS, *, model_check=None) -> dict[str, Any]
         if model_check:
             model_check(configs["model"])
         check_task(configs["task"], configs["model"], configs["train"])
+        check_transfer(configs["model"], configs["train"])
         check_register(configs["task"], configs["register"])
+        check_evaluate(configs["task"], configs["evaluate"])
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return configs

@@ -3,10 +3,12 @@
 Builders register themselves with `@register_model` (`models.registration`) and share
 one signature, so train, bench and the model card can build any of them:
 
-    builder(input_shape, num_classes, *, dropout, width_multiplier, small_input, choices)
-        -> keras.Model taking raw 0..255 pixels and returning float32 probabilities
+    builder(input_shape, num_classes, *, dropout, width_multiplier, small_input, choices,
+            input_norm) -> keras.Model taking raw 0..255 pixels, scaling them as
+            `input_norm` says (`blocks.input_scaling`), returning float32 probabilities
 
-Builders registered with `drop_path=True` also take `drop_path` (stochastic depth).
+Builders registered with `drop_path=True` also take `drop_path` (stochastic depth),
+those with `class_token=True` (the ViTs) `class_token`.
 """
 
 from __future__ import annotations
@@ -138,16 +140,29 @@ def build_model(
     small_input: bool = True,
     choices: LayerChoices = DEFAULT_CHOICES,
     drop_path: float = 0.0,
+    input_norm: str = "unit",
+    class_token: bool = False,
 ):
     """Build architecture `name` for images of `input_shape` (H, W, C) and raw 0..255 pixels.
 
     `drop_path`: stochastic depth rate of the deepest residual block (timm's
     drop_path_rate), rising linearly from 0 at the first; families with
-    residual blocks only.
+    residual blocks only. `input_norm`: how the model scales its 0..255 input
+    (`blocks.input_scaling`), as pretrained weights ask. `class_token`: a ViT
+    classifies from a learned class token (timm's global_pool="token") instead
+    of the average of its tokens.
     """
     check_buildable(name, input_shape, choices, drop_path, small_input=small_input)
     spec = get_spec(name)
+    if class_token and not spec.class_token:
+        with_it = ", ".join(n for n in sorted(SPECS) if SPECS[n].class_token)
+        raise ConfigError(
+            f"model.class_token applies to vision transformers ({with_it}); {name} has no "
+            "tokens: set it to false"
+        )
     extra = {"drop_path": drop_path} if spec.drop_path else {}
+    if spec.class_token:
+        extra["class_token"] = class_token
     return spec.builder(
         tuple(input_shape),
         num_classes,
@@ -155,5 +170,6 @@ def build_model(
         width_multiplier=width_multiplier,
         small_input=small_input,
         choices=choices,
+        input_norm=input_norm,
         **extra,
     )

@@ -26,10 +26,19 @@ HEADS = ("default", "gap", "flatten", "max_avg")
 # PyTorch's default (its momentum=0.1): moving statistics settle within a few hundred
 # steps, where Keras's 0.99 leaves short runs evaluating with near-initial statistics.
 BN_MOMENTUM = 0.9
+# PyTorch's BatchNorm2d epsilon (Keras's is 1e-3), so that imported torchvision/timm
+# statistics normalize exactly as they did there.
+BN_EPSILON = 1e-5
 # PyTorch's LeakyReLU default slope.
 LEAKY_SLOPE = 0.01
-# The layer every model's first convolution reads: raw pixels scaled to [0, 1].
+# The layer every model's first convolution reads: raw pixels scaled (`input_scaling`).
 IMAGE_LAYER = "rescale"
+INPUT_NORMS = ("unit", "imagenet", "symmetric", "caffe", "raw")
+# torchvision's (and Keras's "torch" mode) ImageNet statistics, RGB, of pixels in [0, 1]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Caffe's ImageNet pixel means (Keras's "caffe" mode, VGG's weights), in RGB order
+CAFFE_MEAN = (123.68, 116.779, 103.939)
 
 
 @dataclass(frozen=True)
@@ -56,13 +65,42 @@ def scaled_width(filters: int, width_multiplier: float, divisor: int = 8) -> int
     return max(divisor, int(filters * width_multiplier + divisor / 2) // divisor * divisor)
 
 
-def image_input(input_shape: tuple[int, int, int]):
-    """Model input taking raw 0..255 pixels, so the saved model carries its own scaling."""
+def input_scaling(norm: str, channels: int = 3) -> tuple:
+    """(scale, offset) with which `image_input` maps 0..255 pixels for `norm`, per channel.
+
+    Pretrained weights expect the scaling they were trained with (Keras's
+    `preprocess_input` modes): "unit" [0, 1] (this zoo's own); "imagenet"
+    (x / 255 - mean) / std, torchvision's and Keras's "torch" mode; "symmetric"
+    [-1, 1], Keras's "tf" mode and timm's augreg ViTs; "caffe" x - mean (RGB order:
+    the importer flips BGR kernels); "raw" the pixels as they are, for a model whose
+    own layers scale them. Images that are not RGB take the scalar forms.
+    """
+    if norm not in INPUT_NORMS:
+        raise ValueError(f"input norm must be one of {INPUT_NORMS}, got {norm!r}")
+    rgb = channels == 3
+    if norm == "imagenet":
+        if not rgb:
+            mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+            return 1 / (255 * std), -mean / std
+        return (
+            [1 / (255 * s) for s in IMAGENET_STD],
+            [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)],
+        )
+    if norm == "caffe":
+        means = list(CAFFE_MEAN)
+        return 1.0, ([-m for m in means] if rgb else -sum(means) / 3)
+    return {"unit": (1 / 255, 0.0), "symmetric": (1 / 127.5, -1.0), "raw": (1.0, 0.0)}[norm]
+
+
+def image_input(input_shape: tuple[int, int, int], norm: str = "unit"):
+    """Model input taking raw 0..255 pixels, so the saved model carries its own scaling
+    (`input_scaling`): training, evaluation and serving all feed it the same pixels."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name=IMAGE_LAYER)(inputs)
+    scale, offset = input_scaling(norm, input_shape[-1])
+    x = layers.Rescaling(scale, offset, name=IMAGE_LAYER)(inputs)
     return inputs, x
 
 
@@ -121,13 +159,16 @@ def conv(
     1x1 convolutions are always standard (the types differ only in the spatial part), and
     so is a group conv on the image (`conv_kind`). `groups` forces a group convolution
     (ResNeXt) whatever the choice. "dilated" dilates stride-1 convs only (rate 2).
+    Strided convolutions pad (k - 1) / 2 on every side as PyTorch does (Keras's 'same'
+    pads an even side 0 before and 1 after), so imported torchvision weights see the
+    same pixels under each kernel.
     """
     from keras import layers
 
     common = {"use_bias": use_bias, "name": f"{name}_conv"}
     kind = conv_kind(x, kernel_size, choices, groups)
     dilation = 2 if kind == "dilated" and strides == 1 else 1
-    if choices.padding == "zeros" or kernel_size == 1:
+    if kernel_size == 1 or (choices.padding == "zeros" and strides == 1):
         padding = "same"
     else:
         x = pad(x, dilation * (kernel_size - 1) // 2, choices, name)
@@ -161,12 +202,13 @@ def conv(
     )(x)
 
 
-def norm(x, choices: LayerChoices, name: str):
-    """The chosen normalization over channels (none: identity)."""
+def norm(x, choices: LayerChoices, name: str, *, epsilon: float = BN_EPSILON):
+    """The chosen normalization over channels (none: identity); `epsilon`: batch norm's."""
     from keras import layers
 
     if choices.norm == "batch":
-        return layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+        bn = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=epsilon, name=f"{name}_bn")
+        return bn(x)
     if choices.norm == "group":
         groups = math.gcd(32, x.shape[-1])
         return layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
@@ -193,10 +235,11 @@ def conv_norm_act(
     choices: LayerChoices = DEFAULT_CHOICES,
     act: bool = True,
     groups: int | None = None,
+    norm_epsilon: float = BN_EPSILON,
 ):
     """Convolution, normalization, then activation (`act=False`: none, e.g. before a residual add).
 
-    Without normalization the convolution gets a bias.
+    Without normalization the convolution gets a bias. `norm_epsilon`: batch norm's epsilon.
     """
     x = conv(
         x,
@@ -208,7 +251,7 @@ def conv_norm_act(
         use_bias=choices.norm == "none",
         groups=groups,
     )
-    x = norm(x, choices, name)
+    x = norm(x, choices, name, epsilon=norm_epsilon)
     return activation(x, choices, name) if act else x
 
 
@@ -222,6 +265,19 @@ def downsample(x, choices: LayerChoices, name: str, *, pool_size: int = 2, strid
     return pool(
         pool_size, strides=strides, padding="same", name=f"{name}_{choices.downsample}pool"
     )(x)
+
+
+def centred_max_pool(x, pool_size: int, *, strides: int, name: str):
+    """Max pool with (pool_size - 1) / 2 pixels of padding on every side, PyTorch's
+    MaxPool2d(k, s, padding=k // 2): output ceil(side / strides) as with 'same', whose
+    strided pool pads an even side after only. The padding repeats the edge, which
+    equals PyTorch's -inf for a max: the edge pixel is in that window anyway."""
+    from keras import layers
+
+    from pipeline.models.layers import Pad2D
+
+    x = Pad2D((pool_size - 1) // 2, mode="replicate", name=f"{name}_pad")(x)
+    return layers.MaxPooling2D(pool_size, strides=strides, padding="valid", name=name)(x)
 
 
 def classifier_head(x, num_classes: int, *, dropout: float, head: str = "gap"):

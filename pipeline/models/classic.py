@@ -202,7 +202,14 @@ def classic_head(
     "lenet5", family="lenet", min_size=9, imagenet_size=32, default_head="classic", valid_convs=True
 )
 def lenet5(
-    input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    choices=DEFAULT_CHOICES,
+    input_norm="unit",
 ):
     """LeNet-5; `small_input` pads the first conv (28x28 -> 5x5 map), else it is valid (32x32).
 
@@ -216,7 +223,7 @@ def lenet5(
     def width(filters: int) -> int:
         return scaled_width(filters, width_multiplier, divisor=1)
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     if small_input:
         x = conv_norm_act(x, width(6), 5, name="stage1", choices=choices)
     else:
@@ -238,7 +245,14 @@ def lenet5(
 
 @register_model("alexnet", family="alexnet", min_size=7, default_head="classic")
 def alexnet(
-    input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    choices=DEFAULT_CHOICES,
+    input_norm="unit",
 ):
     """torchvision's AlexNet; `small_input`: a 3x3/1 first conv and no first pool."""
     import keras
@@ -249,7 +263,7 @@ def alexnet(
     def width(filters: int) -> int:
         return scaled_width(filters, width_multiplier)
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     if small_input:
         x = conv_norm_act(x, width(64), 3, name="stem", choices=choices)
     else:
@@ -288,12 +302,20 @@ def vgg_head(x, num_classes: int, *, dropout, width_multiplier, choices: LayerCh
 
 
 def hand_written_vgg(
-    input_shape, num_classes, *, dropout, width_multiplier, small_input, choices, name
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    choices,
+    name,
+    input_norm="unit",
 ):
     """3x3 conv stages with a downsampling after each (small_input: not after the last)."""
     import keras
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     stages = VGG_CONFIGS[name]
     for stage, widths in enumerate(stages, start=1):
         for index, filters in enumerate(widths, start=1):
@@ -323,17 +345,27 @@ def vgg13(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
 
 
 def keras_vgg(
-    application, input_shape, num_classes, *, dropout, width_multiplier, small_input, name
+    application,
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    name,
+    input_norm="unit",
 ):
     """keras.applications' VGG convolutions (flat, on our input), then the classic head.
 
     `small_input` ends at `block5_conv*` instead of `block5_pool` (Keras still builds
     that pool, so the minimum side stays its 32). Only the head's hidden units follow
-    the width multiplier.
+    the width multiplier. Keras's weights load by Keras's layer names
+    (`applications.load_application_weights`): they want input_norm "caffe"
+    (x - mean, RGB; the first kernel is flipped from Keras's BGR when loaded).
     """
     import keras
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     # input_tensor: Keras builds its layers on our rescaled tensor (no nested model).
     features = application(include_top=False, weights=None, input_tensor=x)
     x = features.output
@@ -350,14 +382,14 @@ def keras_vgg(
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("vgg16", family="vgg", min_size=32, hand_written=False)
+@register_model("vgg16", family="vgg", min_size=32, hand_written=False, pretrained_norm="caffe")
 def vgg16(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     import keras
 
     return keras_vgg(keras.applications.VGG16, input_shape, num_classes, name="vgg16", **options)
 
 
-@register_model("vgg19", family="vgg", min_size=32, hand_written=False)
+@register_model("vgg19", family="vgg", min_size=32, hand_written=False, pretrained_norm="caffe")
 def vgg19(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     import keras
 

@@ -38,10 +38,12 @@ def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int] | None = Non
     against one layer's channels needs the built graph (`blocks.group_count` refuses it)."""
     from pipeline.config import SEGMENTATION_ARCHS
     from pipeline.models.architectures import check_buildable, get_spec, list_models
+    from pipeline.models.pretrained import check_pretrained
 
     names = list_models()
     if cfg.segmentation:
         _check_segmentation(cfg, image_shape, names)
+        check_pretrained(cfg, layer_choices(cfg))
         return
     if cfg.arch not in names:
         raise ConfigError(
@@ -59,6 +61,12 @@ def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int] | None = Non
             f"model.small_input does not apply to {cfg.arch} (it keeps its ImageNet stem "
             f"either way): leave it at {_default_text('small_input')}"
         )
+    if cfg.class_token and not get_spec(cfg.arch).class_token:
+        with_it = ", ".join(n for n in names if get_spec(n).class_token)
+        raise ConfigError(
+            f"model.class_token applies to vision transformers ({with_it}); {cfg.arch} "
+            "pools convolutional maps: leave it at false"
+        )
     check_buildable(
         cfg.arch,
         image_shape or ANY_SIZE,
@@ -66,6 +74,7 @@ def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int] | None = Non
         cfg.drop_path,
         small_input=cfg.small_input,
     )
+    check_pretrained(cfg, layer_choices(cfg))
 
 
 def _check_segmentation(cfg: ModelConfig, image_shape, names: list[str]) -> None:
@@ -84,6 +93,7 @@ def _check_segmentation(cfg: ModelConfig, image_shape, names: list[str]) -> None
         raise ConfigError("model.encoder: deeplabv3plus needs a zoo encoder, e.g. resnet18")
     # key -> where it applies instead (what this model does)
     refusals = {
+        "class_token": "vision transformer classifiers; a segmentation encoder must be a CNN",
         "small_input": "classifiers; a segmentation encoder keeps its ImageNet strides "
         "(down to 1/32) for the decoder's skips",
         "head": f"classifiers; {cfg.arch} ends in its own per-pixel head",
@@ -137,7 +147,11 @@ def _default_text(key: str) -> str:
 
 
 def build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int):
-    """The classifier or segmentation model `cfg` names, for this data."""
+    """The classifier or segmentation model `cfg` names, for this data, scaling its input
+    as its pretrained weights ask (`pretrained.input_norm`); the weights are not loaded."""
+    from pipeline.models.pretrained import input_norm
+
+    norm = input_norm(cfg)
     if cfg.segmentation:
         from pipeline.models.segmentation import build_segmentation_model
 
@@ -152,8 +166,11 @@ def build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int)
             dropout=cfg.dropout,
             choices=layer_choices(cfg),
             drop_path=cfg.drop_path,
+            input_norm=norm,
         )
     from pipeline.models.architectures import build_model
+
+    extra = {"class_token": True} if cfg.class_token else {}
 
     return build_model(
         cfg.arch,
@@ -164,4 +181,22 @@ def build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int)
         small_input=cfg.small_input,
         choices=layer_choices(cfg),
         drop_path=cfg.drop_path,
+        input_norm=norm,
+        **extra,
+    )
+
+
+def encoder_classifier(cfg: ModelConfig, image_shape: tuple[int, int, int]):
+    """The classifier of segmentation model `cfg`'s encoder, laid out as the encoder is
+    (ImageNet strides, the input scaling of its weights): what pretrained weights load into."""
+    from pipeline.models import segmentation
+    from pipeline.models.pretrained import input_norm
+
+    return segmentation.encoder_classifier(
+        cfg.encoder,
+        image_shape,
+        cfg.width_multiplier,
+        layer_choices(cfg),
+        cfg.drop_path,
+        input_norm(cfg),
     )

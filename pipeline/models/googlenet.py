@@ -8,11 +8,13 @@ paper's table has a 5x5 (THIRD_BRANCH_KERNEL): 6,624,904 parameters at 224x224,
 rounded table total (6.8M), so the zoo follows torchvision.
 
 Stem: conv 64@7x7/2, pool 3/2, conv 64@1x1, conv 192@3x3, pool 3/2; inception
-3a, 3b, pool, 4a-4e, pool, 5a, 5b; global average pool, dropout, dense. All
-between-stage pools are 3x3/2 as in the paper's table (torchvision's last is 2x2/2:
-same output size, no weights); they follow the downsample choice. Convolutions
-follow the operator choices (`conv_norm_act`); each module's pool branch is the
-paper's 3x3/1 max pool.
+3a, 3b, pool, 4a-4e, pool, 5a, 5b; global average pool, dropout, dense. The
+between-stage pools are 3x3/2 as in the paper's table except the last, 2x2/2 as
+torchvision's (same output size, no weights, but a 3x3 window would not compute
+what imported torchvision weights expect: 1.9e-5 of the logits' scale apart on
+random weights, 1.6e-7 with 2x2); they follow the downsample choice. Batch norm
+keeps torchvision's epsilon 1e-3 (BN_EPSILON). Convolutions follow the operator
+choices (`conv_norm_act`); each module's pool branch is the paper's 3x3/1 max pool.
 
 `small_input`: a 3x3/1 stem conv and neither of the stem's pools, so 32x32 inputs
 reach the last modules at 8x8.
@@ -34,6 +36,8 @@ from pipeline.models.registration import register_model
 
 # torchvision's kernel for the third branch; the paper's table says 5x5 (module docstring).
 THIRD_BRANCH_KERNEL = 3
+# torchvision's BasicConv2d: BatchNorm2d(eps=0.001), not PyTorch's default 1e-5
+BN_EPSILON = 1e-3
 # Paper, table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTION_STAGES = {
     3: {"a": (64, 96, 128, 16, 32, 32), "b": (128, 128, 192, 32, 96, 64)},
@@ -48,39 +52,53 @@ INCEPTION_STAGES = {
 }
 
 
+def basic_conv(x, filters: int, kernel_size: int, **options):
+    """`conv_norm_act` with torchvision GoogLeNet's batch-norm epsilon (its BasicConv2d)."""
+    return conv_norm_act(x, filters, kernel_size, norm_epsilon=BN_EPSILON, **options)
+
+
 def inception_block(x, widths: tuple[int, ...], *, name: str, choices: LayerChoices):
     """Four branches, concatenated: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 (paper: 5x5); pool -> 1x1."""
     from keras import layers
 
     n1x1, n3x3_reduce, n3x3, n5x5_reduce, n5x5, pool_proj = widths
-    branch1 = conv_norm_act(x, n1x1, 1, name=f"{name}_1x1", choices=choices)
-    branch2 = conv_norm_act(x, n3x3_reduce, 1, name=f"{name}_3x3_reduce", choices=choices)
-    branch2 = conv_norm_act(branch2, n3x3, 3, name=f"{name}_3x3", choices=choices)
-    branch3 = conv_norm_act(x, n5x5_reduce, 1, name=f"{name}_branch3_reduce", choices=choices)
-    branch3 = conv_norm_act(
+    branch1 = basic_conv(x, n1x1, 1, name=f"{name}_1x1", choices=choices)
+    branch2 = basic_conv(x, n3x3_reduce, 1, name=f"{name}_3x3_reduce", choices=choices)
+    branch2 = basic_conv(branch2, n3x3, 3, name=f"{name}_3x3", choices=choices)
+    branch3 = basic_conv(x, n5x5_reduce, 1, name=f"{name}_branch3_reduce", choices=choices)
+    branch3 = basic_conv(
         branch3, n5x5, THIRD_BRANCH_KERNEL, name=f"{name}_branch3", choices=choices
     )
     branch4 = layers.MaxPooling2D(3, strides=1, padding="same", name=f"{name}_pool")(x)
-    branch4 = conv_norm_act(branch4, pool_proj, 1, name=f"{name}_pool_proj", choices=choices)
+    branch4 = basic_conv(branch4, pool_proj, 1, name=f"{name}_pool_proj", choices=choices)
     return layers.Concatenate(name=f"{name}_concat")([branch1, branch2, branch3, branch4])
 
 
 def stem(x, *, width, small_input: bool, choices: LayerChoices):
     if small_input:
-        x = conv_norm_act(x, width(64), 3, name="stem_1", choices=choices)
+        x = basic_conv(x, width(64), 3, name="stem_1", choices=choices)
     else:
-        x = conv_norm_act(x, width(64), 7, strides=2, name="stem_1", choices=choices)
+        x = basic_conv(x, width(64), 7, strides=2, name="stem_1", choices=choices)
         x = downsample(x, choices, name="stem_down1", pool_size=3)
-    x = conv_norm_act(x, width(64), 1, name="stem_2", choices=choices)
-    x = conv_norm_act(x, width(192), 3, name="stem_3", choices=choices)
+    x = basic_conv(x, width(64), 1, name="stem_2", choices=choices)
+    x = basic_conv(x, width(192), 3, name="stem_3", choices=choices)
     if not small_input:
         x = downsample(x, choices, name="stem_down2", pool_size=3)
     return x
 
 
-@register_model("googlenet", family="inception")
+# torchvision's googlenet weights run with transform_input=True, which turns its
+# ImageNet-normalized input into (x - 0.5) / 0.5: the network itself sees [-1, 1] pixels
+@register_model("googlenet", family="inception", pretrained_norm="symmetric")
 def googlenet(
-    input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    choices=DEFAULT_CHOICES,
+    input_norm="unit",
 ):
     """Inception v1; `width_multiplier` scales every branch's channels."""
     import keras
@@ -88,7 +106,7 @@ def googlenet(
     def width(filters: int) -> int:
         return scaled_width(filters, width_multiplier)
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     x = stem(x, width=width, small_input=small_input, choices=choices)
     for stage, blocks in INCEPTION_STAGES.items():
         for letter, widths in blocks.items():
@@ -99,6 +117,6 @@ def googlenet(
                 choices=choices,
             )
         if stage != max(INCEPTION_STAGES):
-            x = downsample(x, choices, name=f"stage{stage}_down", pool_size=3)
+            x = downsample(x, choices, name=f"stage{stage}_down", pool_size=2 if stage == 4 else 3)
     outputs = classifier_head(x, num_classes, dropout=dropout, head=resolve_head(choices))
     return keras.Model(inputs, outputs, name="googlenet")

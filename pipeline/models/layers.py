@@ -151,6 +151,38 @@ class PositionEmbedding(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
+class ClassToken(keras.layers.Layer):
+    """Prepends one learned token to (batch, tokens, dim) inputs: ViT's class token.
+
+    timm's `cls_token` (global_pool="token"): the head reads the final state of
+    this token. Initialized as timm does, normal with a tiny `stddev`.
+    """
+
+    def __init__(self, stddev: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.stddev = stddev
+
+    def build(self, input_shape):
+        self.token = self.add_weight(
+            name="token",
+            shape=(1, 1, input_shape[-1]),
+            initializer=keras.initializers.RandomNormal(stddev=self.stddev),
+        )
+
+    def call(self, x):
+        token = ops.cast(self.token, x.dtype)
+        token = ops.broadcast_to(token, (ops.shape(x)[0], 1, ops.shape(x)[-1]))
+        return ops.concatenate([token, x], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        n, tokens, dim = input_shape
+        return (n, None if tokens is None else tokens + 1, dim)
+
+    def get_config(self):
+        return {**super().get_config(), "stddev": self.stddev}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
 class StochasticDepth(keras.layers.Layer):
     """Drop a residual branch for whole samples (Huang et al., 2016; timm's DropPath).
 

@@ -36,6 +36,11 @@ class ModelSpec:
     # without small_input every conv is unpadded ('valid', LeNet): model.padding reaches
     # only a dilated conv's or a strided downsampling's padding
     valid_convs: bool = False
+    # the builder takes `class_token` (a ViT classifying from a class token)
+    class_token: bool = False
+    # how the family's published weights want pixels scaled (`blocks.input_scaling`):
+    # model.input_norm auto with model.pretrained picks it
+    pretrained_norm: str = "imagenet"
 
 
 SPECS: dict[str, ModelSpec] = {}

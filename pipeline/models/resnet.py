@@ -31,6 +31,7 @@ from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
     activation,
+    centred_max_pool,
     classifier_head,
     conv_norm_act,
     drop_branch,
@@ -113,12 +114,10 @@ def bottleneck_block(
 
 def stem(x, filters: int, *, small_input: bool, choices: LayerChoices):
     """3x3/1 conv for small inputs; else the 7x7/2 conv and 3x3/2 max pool of the paper."""
-    from keras import layers
-
     if small_input:
         return conv_norm_act(x, filters, 3, name="stem", choices=choices)
     x = conv_norm_act(x, filters, 7, strides=2, name="stem", choices=choices)
-    return layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    return centred_max_pool(x, 3, strides=2, name="stem_pool")
 
 
 def resnet(
@@ -135,6 +134,7 @@ def resnet(
     groups: int = 1,
     base_width: int = 64,
     drop_path: float = 0.0,
+    input_norm: str = "unit",
 ):
     """Stem, four stages (64, 128, 256, 512 planes; stride 2 from stage 2 on), pooled head.
 
@@ -142,7 +142,7 @@ def resnet(
     """
     import keras
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     drop_rates = iter(stochastic_depth_rates(drop_path, sum(blocks_per_stage)))
     x = stem(x, scaled_width(64, width_multiplier), small_input=small_input, choices=choices)
     for stage, num_blocks in enumerate(blocks_per_stage):

@@ -22,8 +22,18 @@ def inference_copy(model):
     import keras
 
     copy = keras.Model.from_config(model.get_config())
-    copy.set_weights(model.get_weights())
+    for layer, source in zip(copy.layers, model.layers, strict=True):
+        set_layer_weights(layer, source.get_weights())
     return copy
+
+
+def set_layer_weights(layer, arrays) -> None:
+    """`layer.set_weights`, then the state a layer derives from its variables: a
+    Normalization layer computes with new statistics only after `finalize_state`
+    (Keras's own loaders call it; `set_weights` does not)."""
+    layer.set_weights(arrays)
+    if hasattr(layer, "finalize_state"):
+        layer.finalize_state()
 
 
 def model_summary(model) -> str:

@@ -54,10 +54,12 @@ def build_segmentation_model(
     dropout: float = 0.0,
     choices: LayerChoices = DEFAULT_CHOICES,
     drop_path: float = 0.0,
+    input_norm: str = "unit",
 ):
     """`arch` (unet | deeplabv3plus) for images of `input_shape`; see the module docstring.
 
-    `drop_path`: the encoder's stochastic depth (encoders with residual blocks).
+    `drop_path`: the encoder's stochastic depth (encoders with residual blocks);
+    `input_norm`: the encoder's input scaling (`blocks.input_scaling`).
     """
     if arch not in SEGMENTATION_ARCHS:
         raise ConfigError(
@@ -66,10 +68,14 @@ def build_segmentation_model(
     if upsampling not in UPSAMPLING:
         raise ConfigError(f"model.upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if arch == "unet" and encoder == PLAIN:
+        if input_norm != "unit":
+            raise ConfigError("model.pretrained: the plain U-Net has no pretrained weights")
         return plain_unet(input_shape, num_classes, upsampling, width_multiplier, dropout, choices)
     if encoder == PLAIN:
         raise ConfigError("model.encoder: deeplabv3plus needs a zoo encoder, e.g. resnet18")
-    inputs, taps = encoder_features(encoder, input_shape, width_multiplier, choices, drop_path)
+    inputs, taps = encoder_features(
+        encoder, input_shape, width_multiplier, choices, drop_path, input_norm
+    )
     if arch == "unet":
         return encoder_unet(
             inputs,
@@ -100,22 +106,21 @@ def check_segmentation_buildable(arch: str, encoder: str, input_shape) -> None:
     _check_divisible(input_shape, 16 if encoder == PLAIN else 32, arch)
 
 
-def encoder_features(
+def encoder_classifier(
     encoder: str,
     input_shape: tuple[int, int, int],
     width_multiplier: float,
     choices: LayerChoices = DEFAULT_CHOICES,
     drop_path: float = 0.0,
+    input_norm: str = "unit",
 ):
-    """The zoo model `encoder`'s input and {output stride: feature map} for strides 2..32.
-
-    Built with the ImageNet layout (small_input false, so strides reach 32) and its own
-    head (cut off here)."""
+    """The zoo classifier `encoder` as a segmentation model lays it out: ImageNet strides
+    (small_input false) and its own head; what pretrained weights load into."""
     from dataclasses import replace
 
     from pipeline.models.architectures import build_model
 
-    classifier = build_model(
+    return build_model(
         encoder,
         input_shape,
         2,
@@ -123,6 +128,24 @@ def encoder_features(
         small_input=False,
         choices=replace(choices, head=DEFAULT_CHOICES.head),
         drop_path=drop_path,
+        input_norm=input_norm,
+    )
+
+
+def encoder_features(
+    encoder: str,
+    input_shape: tuple[int, int, int],
+    width_multiplier: float,
+    choices: LayerChoices = DEFAULT_CHOICES,
+    drop_path: float = 0.0,
+    input_norm: str = "unit",
+):
+    """The zoo model `encoder`'s input and {output stride: feature map} for strides 2..32.
+
+    Built with the ImageNet layout (small_input false, so strides reach 32) and its own
+    head (cut off here)."""
+    classifier = encoder_classifier(
+        encoder, input_shape, width_multiplier, choices, drop_path, input_norm
     )
     height, width = input_shape[:2]
     taps = {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 from pipeline.models.blocks import (
     DEFAULT_CHOICES,
     LayerChoices,
+    centred_max_pool,
     classifier_head,
     conv_norm_act,
     image_input,
@@ -91,11 +92,14 @@ def channel_shuffle(x, name: str):
 
 
 def depthwise_norm(x, *, strides: int, name: str, choices: LayerChoices):
-    """3x3 depthwise conv (padding mode of the choices) and norm, no activation."""
+    """3x3 depthwise conv (padding mode of the choices) and norm, no activation.
+
+    Strided, it pads 1 on every side as PyTorch does (`blocks.conv`).
+    """
     from keras import layers
 
     padding = "same"
-    if choices.padding != "zeros":
+    if choices.padding != "zeros" or strides > 1:
         x = pad(x, 1, choices, name)
         padding = "valid"
     x = layers.DepthwiseConv2D(
@@ -135,19 +139,25 @@ def shuffle_unit(x, filters: int, *, strides: int, name: str, choices: LayerChoi
     conv_reach="stem",
 )
 def shufflenet_v2(
-    input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    choices=DEFAULT_CHOICES,
+    input_norm="unit",
 ):
     """ShuffleNet v2 at `width_multiplier` (1.0: torchvision's shufflenet_v2_x1_0, 2.28M params)."""
     import keras
-    from keras import layers
 
     stem_filters, *stage_filters, last_filters = channels(width_multiplier)
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     if small_input:
         x = conv_norm_act(x, stem_filters, 3, name="stem", choices=choices)
     else:
         x = conv_norm_act(x, stem_filters, 3, strides=2, name="stem", choices=choices)
-        x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+        x = centred_max_pool(x, 3, strides=2, name="stem_pool")
     for stage, (repeats, filters) in enumerate(zip(STAGE_REPEATS, stage_filters, strict=True)):
         for unit in range(repeats):
             x = shuffle_unit(

@@ -18,12 +18,19 @@ STAGE_FILTERS = (32, 64, 128)
 
 @register_model("simple_cnn", family="simple")
 def simple_cnn(
-    input_shape, num_classes, *, dropout, width_multiplier, small_input, choices=DEFAULT_CHOICES
+    input_shape,
+    num_classes,
+    *,
+    dropout,
+    width_multiplier,
+    small_input,
+    choices=DEFAULT_CHOICES,
+    input_norm="unit",
 ):
     """Three stages of two 3x3 convs and a 2x downsampling; a strided 5x5 stem for large inputs."""
     import keras
 
-    inputs, x = image_input(input_shape)
+    inputs, x = image_input(input_shape, input_norm)
     if not small_input:
         x = conv_norm_act(
             x, scaled_width(32, width_multiplier), 5, strides=2, name="stem", choices=choices

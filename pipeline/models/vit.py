@@ -8,8 +8,15 @@ back on their grid and average-pooled (no class token: the GAP variant of
 Beyer et al., 2022, "Better plain ViT baselines"; `head_pool` sees the token
 grid like every CNN's final map), dropout (our `dropout`) and the dense layer.
 
-At 224x224 and 1000 classes vit_tiny has DeiT-Tiny's 5,717,416 parameters less
-its class token and that token's position embedding (2 x 192): 5,717,032.
+`class_token=True` builds the original ViT/DeiT head instead (timm's
+global_pool="token", what its published weights use): a learned token
+(`layers.ClassToken`) is prepended before the position embedding (positions
+over tokens + 1), and the head reads that token after the final LayerNorm
+(`head_pool` crops it out of the sequence).
+
+At 224x224 and 1000 classes vit_tiny has DeiT-Tiny's 5,717,416 parameters with
+the class token; without it, less the token and its position embedding
+(2 x 192): 5,717,032.
 
 `width_multiplier` scales the per-head dimension (64, rounded to a multiple of
 8) with the head count fixed, so the width stays divisible by the heads. The
@@ -35,16 +42,21 @@ from pipeline.models.registration import register_model
 HEAD_DIM = 64
 MLP_RATIO = 4
 LN_EPSILON = 1e-6  # ViT's and timm's LayerNorm epsilon
+# timm's default vit_*_patch16_224 weights (augreg) take [-1, 1] pixels (mean = std = 0.5)
+TIMM_NORM = "symmetric"
 
 
-def patch_embedding(x, dim: int, patch: int):
-    """Non-overlapping patch x patch patches -> (batch, tokens, dim) with positions."""
+def patch_embedding(x, dim: int, patch: int, *, class_token: bool = False):
+    """Non-overlapping patch x patch patches -> (batch, tokens, dim) with positions
+    (the class token first, when there is one)."""
     from keras import layers
+
+    from pipeline.models.layers import ClassToken, PositionEmbedding
 
     x = layers.Conv2D(dim, patch, strides=patch, name="stem_patch_conv")(x)
     x = layers.Reshape((x.shape[1] * x.shape[2], dim), name="stem_tokens")(x)
-    from pipeline.models.layers import PositionEmbedding
-
+    if class_token:
+        x = ClassToken(name="stem_class_token")(x)
     return PositionEmbedding(name="stem_position")(x)
 
 
@@ -66,13 +78,20 @@ def transformer_block(x, *, heads: int, mlp_dim: int, name: str, drop_rate: floa
     return layers.Add(name=f"{name}_add2")([x, drop_branch(y, drop_rate, f"{name}_drop_path2")])
 
 
-def token_head(x, grid: tuple[int, int], num_classes: int, *, dropout: float):
-    """Final LayerNorm, tokens back on their grid, global average pool, dropout, dense."""
+def token_head(
+    x, grid: tuple[int, int], num_classes: int, *, dropout: float, class_token: bool = False
+):
+    """Final LayerNorm, then the class token or the tokens' average over their grid,
+    dropout, dense."""
     from keras import layers
 
     x = layers.LayerNormalization(epsilon=LN_EPSILON, name="head_norm")(x)
-    x = layers.Reshape((*grid, x.shape[-1]), name="head_grid")(x)
-    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if class_token:
+        x = layers.Cropping1D((0, grid[0] * grid[1]), name="head_pool")(x)
+        x = layers.Flatten(name="head_token")(x)
+    else:
+        x = layers.Reshape((*grid, x.shape[-1]), name="head_grid")(x)
+        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name="head_dropout")(x)
     return probabilities(x, num_classes)
@@ -89,6 +108,8 @@ def vision_transformer(
     small_input: bool,
     name: str,
     drop_path: float = 0.0,
+    input_norm: str = "unit",
+    class_token: bool = False,
 ):
     import keras
 
@@ -103,18 +124,26 @@ def vision_transformer(
             f"multiple of {patch} (change prepare.image_size)"
         )
     dim = heads * scaled_width(HEAD_DIM, width_multiplier)
-    inputs, x = image_input(input_shape)
-    x = patch_embedding(x, dim, patch)
+    inputs, x = image_input(input_shape, input_norm)
+    x = patch_embedding(x, dim, patch, class_token=class_token)
     for block, rate in enumerate(stochastic_depth_rates(drop_path, depth), start=1):
         x = transformer_block(
             x, heads=heads, mlp_dim=MLP_RATIO * dim, name=f"block{block}", drop_rate=rate
         )
     grid = (height // patch, width // patch)
-    outputs = token_head(x, grid, num_classes, dropout=dropout)
+    outputs = token_head(x, grid, num_classes, dropout=dropout, class_token=class_token)
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("vit_tiny", family="vit", min_size=4, hand_written=False, drop_path=True)
+@register_model(
+    "vit_tiny",
+    family="vit",
+    min_size=4,
+    hand_written=False,
+    drop_path=True,
+    class_token=True,
+    pretrained_norm=TIMM_NORM,
+)
 def vit_tiny(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     """DeiT-Tiny: width 192 (3 heads of 64), depth 12, MLP 768."""
     return vision_transformer(
@@ -122,7 +151,15 @@ def vit_tiny(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     )
 
 
-@register_model("vit_small", family="vit", min_size=4, hand_written=False, drop_path=True)
+@register_model(
+    "vit_small",
+    family="vit",
+    min_size=4,
+    hand_written=False,
+    drop_path=True,
+    class_token=True,
+    pretrained_norm=TIMM_NORM,
+)
 def vit_small(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     """DeiT-Small: width 384 (6 heads of 64), depth 12, MLP 1536."""
     return vision_transformer(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import write_json, write_text
-from pipeline.config import EvaluateConfig, flatten
+from pipeline.config import EvaluateConfig, check_evaluate, flatten
 from pipeline.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR, data_card_file
 
 IMAGES_DIR = "images"
@@ -57,6 +57,9 @@ def run(
             labels, probs.argmax(axis=1), classes, plots_dir / TABLES_DIR / "confusion.csv"
         ),
     ]
+    if cfg.explain:
+        files += explain_classifier(cfg, model, prepared_dir, probs, labels, classes, plots_dir)
+        files += explain_network(cfg, model, prepared_dir, plots_dir, report)
     return record(cfg, report, per_class, files, inputs, model_dir, metrics_dir, plots_dir)
 
 
@@ -123,6 +126,7 @@ def run_segmentation(
     from pipeline.scoring.predictions import segment_split
 
     card, model = inputs.card, inputs.model
+    check_evaluate("segmentation", cfg)
     classes = card["classes"]
     cm, (images, masks, preds) = segment_split(model, prepared_dir, "test", cfg.batch_size, card)
     report = segmentation_report(cm, classes)
@@ -158,6 +162,8 @@ def run_segmentation(
         for name, v in per_class.items()
         if v["iou"] is not None
     }
+    if cfg.explain:
+        files += explain_network(cfg, model, prepared_dir, plots_dir, report)
     return record(
         cfg, report, per_class, files, inputs, model_dir, metrics_dir, plots_dir, per_class_iou
     )
@@ -165,3 +171,76 @@ def run_segmentation(
 
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
+
+
+def explain_classifier(
+    cfg: EvaluateConfig,
+    model,
+    prepared_dir: Path,
+    probs,
+    labels,
+    classes: list[str],
+    plots_dir: Path,
+) -> list[Path]:
+    """Grad-CAM grids (of the predicted class) over the `gradcam_images` most confident
+    correct and most confident wrong test images; a grid with no image is not drawn."""
+    import numpy as np
+
+    from pipeline.data.loader import load_split
+    from pipeline.explain.attribution import gradcam
+    from pipeline.explain.figures import overlay_grid
+
+    images, _ = load_split(prepared_dir, "test")
+    preds, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    files = []
+    for name, chosen in (("correct", preds == labels), ("wrong", preds != labels)):
+        picked = np.flatnonzero(chosen)
+        picked = picked[np.argsort(-confidence[picked], kind="stable")][: cfg.gradcam_images]
+        if not len(picked):
+            continue
+        batch = np.asarray(images[picked])
+        titles = [
+            f"{classes[labels[i]]} {confidence[i]:.2f}"
+            if name == "correct"
+            else f"{classes[labels[i]]}->{classes[preds[i]]} {confidence[i]:.2f}"
+            for i in picked
+        ]
+        heat = gradcam(model, batch, class_index=preds[picked])
+        files.append(
+            overlay_grid(batch, heat, titles, plots_dir / IMAGES_DIR / f"gradcam_{name}.png")
+        )
+    return files
+
+
+def explain_network(
+    cfg: EvaluateConfig, model, prepared_dir: Path, plots_dir: Path, report: dict
+) -> list[Path]:
+    """Dead ReLU units over the whole test split (table, chart, `dead_relu_fraction`) and
+    the effective receptive field over its first `erf_images` images beside the model
+    card's theoretical one (heatmap, `erf_px`, `erf_support_px`, `theoretical_rf_px`),
+    added to `report`. A model without ReLUs or without a spatial map skips that part."""
+    import numpy as np
+
+    from pipeline.data.loader import load_split
+    from pipeline.explain import units
+    from pipeline.models.model_card import model_card
+
+    images, _ = load_split(prepared_dir, "test")
+    files = []
+    rows = units.dead_units(model, images, cfg.batch_size)
+    if rows:
+        report["dead_relu_fraction"] = units.dead_fraction(rows)
+        files += [
+            units.dead_units_csv(rows, plots_dir / TABLES_DIR / "dead_units.csv"),
+            units.dead_units_png(rows, plots_dir / IMAGES_DIR / "dead_units.png"),
+        ]
+    if units.erf_layer(model) is not None:
+        erf = units.effective_receptive_field(model, np.asarray(images[: cfg.erf_images]))
+        theoretical = model_card(model)["receptive_field"]
+        report |= {
+            "erf_px": float(erf["erf_px"]),
+            "erf_support_px": float(erf["support_px"]),
+            "theoretical_rf_px": float(theoretical),
+        }
+        files.append(units.erf_png(erf, theoretical, plots_dir / IMAGES_DIR / "erf.png"))
+    return files

@@ -31,9 +31,10 @@ def run(
     """The stage: train inside an MLflow run, then write the model, history and run file."""
     import keras
 
-    from pipeline.config import check_task
+    from pipeline.config import check_task, check_transfer
     from pipeline.data.data_card import read_card
     from pipeline.data.loader import load_split
+    from pipeline.models import pretrained
     from pipeline.models.from_config import check_model
     from pipeline.models.model_card import model_card
     from pipeline.models.saved import inference_copy, model_summary
@@ -50,6 +51,7 @@ def run(
     # Bad input fails here, before an MLflow run or a file is created.
     check_prepared_task(task, card, prepared_dir)
     check_task(task, model_cfg, cfg)
+    check_transfer(model_cfg, cfg)
     check_batch_size(cfg, card["totals"]["train"])
     image_shape = tuple(card["image_shape"])
     check_model(model_cfg, image_shape)
@@ -60,7 +62,9 @@ def run(
     check_init_from(cfg.init_from)
     placement = devices.plan(cfg.distribution, cfg.batch_size)
     check_placement(cfg, placement)
-    fit_args = {"augment_cfg": augment_cfg, "checkpoint_dir": checkpoint_dir}
+    # a missing file, an unreachable URL, uncached imagenet weights: one line, no run
+    weights = pretrained.resolve(model_cfg, image_shape)
+    fit_args = {"augment_cfg": augment_cfg, "checkpoint_dir": checkpoint_dir, "weights": weights}
     if not placement.chief:  # the chief alone writes outputs, checkpoints and the run
         return fit_model(model_cfg, cfg, prepared_dir, card, **fit_args)
     params = {
@@ -74,6 +78,7 @@ def run(
         **{f"data.{split}_images": n for split, n in card["totals"].items()},
         **flatten_prepare(card),
         "keras.backend": keras.backend.backend(),
+        "model.input_scaling": pretrained.input_norm(model_cfg),
         **placement.params(cfg.batch_size),
     }
     tags = {
@@ -82,6 +87,7 @@ def run(
         "data_hash": card["data_hash"],
         "data_source_sha256": card["source"].get("sha256", ""),
         **({"grid": mlflow_cfg.grid} if mlflow_cfg.grid else {}),
+        **({"pretrained_sha256": weights.sha256} if weights else {}),
     }
     # Before the run starts: a checkpoint of other params (or damaged) must not continue its run,
     # and the interrupted run it belonged to is closed as FAILED rather than left RUNNING.
@@ -120,7 +126,11 @@ def run(
         runs.log_text(summary, "model_summary.txt")
         figures = model_card(model)
         runs.log_params(
-            {"precision_policy": result.policy, "transferred_layers": result.transferred_layers}
+            {
+                "precision_policy": result.policy,
+                "transferred_layers": result.transferred_layers,
+                **({"pretrained_fresh_head": result.fresh_head} if weights else {}),
+            }
             | {f"model.{k}": v for k, v in figures.items() if isinstance(v, int)}
         )
         runs.set_tags(

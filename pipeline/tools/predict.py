@@ -46,13 +46,14 @@ def run(
     from tqdm import tqdm
 
     from pipeline.data.decode import load_image
+    from pipeline.tracking.logged_models import model_and_card
 
     if not images_dir.is_dir():
         raise DataError(f"predict: {images_dir} is not a folder of images")
     paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}")
-    model, card = _model_and_card(model_uri, model_dir, prepared_dir)
+    model, card = model_and_card(model_uri, model_dir, prepared_dir, key="predict --model")
     height, width, channels = card["image_shape"]
     classes = card["classes"]
     segmentation = card.get("task") == "segmentation"
@@ -88,22 +89,6 @@ def run(
             writer.writerow(["file", "class", "probability", "top5"])
             writer.writerows(rows)
     return len(paths)
-
-
-def _model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path):
-    if model_uri:
-        from pipeline.tracking import logged_models
-
-        return logged_models.load_logged_model(model_uri, key="predict --model")
-    from pipeline.artifacts import check_card_fits_model
-    from pipeline.data.data_card import read_card
-    from pipeline.layout import data_card_file
-    from pipeline.models.saved import MODEL_FILE, load_trained_model
-
-    card = read_card(prepared_dir)
-    model = load_trained_model(model_dir)
-    check_card_fits_model(card, data_card_file(prepared_dir), model, model_dir / MODEL_FILE)
-    return model, card
 
 
 def _write_masks(mask: np.ndarray, classes: list[str], stem: Path) -> None:

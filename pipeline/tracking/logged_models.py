@@ -107,6 +107,23 @@ def load_logged_model(model_uri: str, *, key: str, then: str = "") -> tuple[Any,
     return loaded.keras_model, loaded.card
 
 
+def model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path, *, key: str):
+    """(model, data card) for the tools (predict, explain, probe): the logged or registered
+    model `model_uri` (`key` names the option in its errors), else this project's trained
+    one with the prepared data's card, checked to fit it."""
+    if model_uri:
+        return load_logged_model(model_uri, key=key)
+    from pipeline.artifacts import check_card_fits_model
+    from pipeline.data.data_card import read_card
+    from pipeline.layout import data_card_file
+    from pipeline.models.saved import MODEL_FILE, load_trained_model
+
+    card = read_card(prepared_dir)
+    model = load_trained_model(model_dir)
+    check_card_fits_model(card, data_card_file(prepared_dir), model, model_dir / MODEL_FILE)
+    return model, card
+
+
 def _files_problem(local: Path) -> str | None:
     """What is wrong with the files of the logged model in `local`, or None: its MLmodel
     missing or unreadable, or a file the MLmodel lists missing."""

@@ -228,3 +228,17 @@ def set_tags(tags: dict[str, str]) -> None:
 
 
 DATA_CARD_ARTIFACT = "data_card.json"
+
+
+def model_run_id(model_uri: str, *, then: str) -> str:
+    """The run that logged the model `model_uri` (`models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `runs:/ID/model`), where a tool adds what it measured of it.
+    Read from the logged model's MLmodel; a store that fails, one line ending with `then`."""
+    from pipeline.errors import ConfigError
+
+    mlflow = connect()
+    with reaching_the_store(then):
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+    if not run_id:
+        raise ConfigError(f"{model_uri!r}: the logged model names no run to log to; {then}")
+    return run_id

@@ -27,8 +27,10 @@ class TrainResult:
     policy: str
     seconds: float
     images_per_second: float
-    # transfer learning: layers initialized from train.init_from
+    # transfer learning: layers initialized from train.init_from or model.pretrained
     transferred_layers: int = 0
+    # model.pretrained: the classifier head started fresh (another class count)
+    fresh_head: bool = False
     stopped_early: bool = False  # by early stopping, or by the time budget
     out_of_time: bool = False  # stopped by train.max_minutes
 
@@ -51,6 +53,7 @@ def fit_model(
     checkpoint_dir: Path = CHECKPOINT_DIR,
     loggers=(),
     extra_callbacks=(),
+    weights=None,
 ) -> TrainResult:
     """Build `model_cfg.arch` for the prepared data and fit it; resumes from `checkpoint_dir`.
 
@@ -61,12 +64,15 @@ def fit_model(
     `fit` over its epochs with its own trainable layers; a phase that finished
     leaves its weights in `checkpoint_dir`, the running one a per-epoch backup.
     `loggers` record each epoch before it is backed up; `extra_callbacks` run
-    after the backup.
+    after the backup. `weights`: `model_cfg.pretrained` resolved
+    (`models.pretrained.resolve`; resolved here when not given).
     """
     import keras
 
+    from pipeline.config import check_transfer
     from pipeline.data.loader import ArrayBatches, EpochOrder, load_split
-    from pipeline.models.from_config import build
+    from pipeline.models import pretrained
+    from pipeline.models.from_config import build, encoder_classifier
     from pipeline.training import devices, transfer
     from pipeline.training.augment import BatchAugmenter, MaskAugmenter, check_augment, is_identity
     from pipeline.training.callbacks import (
@@ -90,7 +96,10 @@ def fit_model(
     segmentation = card.get("task") == "segmentation"
     if not segmentation:
         check_augment(augment_cfg, image_shape)
+    check_transfer(model_cfg, cfg)
     source = transfer.load_source(cfg.init_from) if cfg.init_from else None
+    if weights is None:
+        weights = pretrained.resolve(model_cfg, image_shape)
     keras.utils.set_random_seed(cfg.seed)
     policy = set_precision(cfg.precision)
     train_x, train_y = load_split(prepared_dir, "train")
@@ -123,6 +132,14 @@ def fit_model(
         model = build(model_cfg, image_shape, num_classes)
         devices.synchronize_batch_norm(model, placement)
         transferred = transfer.copy_matching_weights(source, model) if source is not None else None
+        fresh_head = False
+        if weights is not None and model_cfg.segmentation:
+            encoder = encoder_classifier(model_cfg, image_shape)
+            pretrained.load_encoder(encoder, model_cfg, weights)
+            transferred = transfer.copy_matching_weights(encoder, model)
+        elif weights is not None:
+            transferred = pretrained.load(model, model_cfg, weights)
+            fresh_head = transferred.fresh_head
         add_kernel_regularization(model, l1=cfg.l1, l2=cfg.l2, max_norm=cfg.max_norm)
 
         if placement.chief:
@@ -153,6 +170,7 @@ def fit_model(
                 phase.start,
                 train_y if segmentation else None,
                 weighted=placement.replicas > 1,
+                transferred=transferred is not None,
             )
             guard = divergence_guard()
             budget = time_budget(cfg.max_minutes, started)
@@ -203,6 +221,7 @@ def fit_model(
         # epochs run by this process: fewer than cfg.epochs when resumed
         images_per_second=epochs_run * len(train_y) / seconds if epochs_run else 0.0,
         transferred_layers=len(transferred.copied) if transferred else 0,
+        fresh_head=fresh_head,
         stopped_early=stopped_early,
         out_of_time=out_of_time,
     )
@@ -251,15 +270,17 @@ def compile_for_phase(
     train_masks=None,
     *,
     weighted: bool = False,
+    transferred: bool = False,
 ):
-    """Compile with a fresh optimizer whose schedule continues at `start_epoch`."""
+    """Compile with a fresh optimizer whose schedule continues at `start_epoch`;
+    `transferred`: the backbone was loaded (train.backbone_lr_scale applies to it)."""
     from pipeline.training.optimizers import build_optimizer
     from pipeline.training.transfer import backbone_variable_paths
 
     optimizer = build_optimizer(
         cfg,
         steps,
-        lr_scaled=backbone_variable_paths(model) if cfg.init_from else (),
+        lr_scaled=backbone_variable_paths(model) if transferred else (),
         lr_scale=cfg.backbone_lr_scale,
     )
     loss, metrics = loss_and_metrics(cfg, card, train_masks, weighted)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.models.saved import set_layer_weights
 from pipeline.models.segmentation import DECODER_PREFIXES
 
 HEAD_PREFIXES = ("head_", *DECODER_PREFIXES)
@@ -85,7 +86,7 @@ def copy_matching_weights(source, target) -> Transferred:
         if match is None or [w.shape for w in match.weights] != [w.shape for w in layer.weights]:
             skipped.append(layer.name)
             continue
-        layer.set_weights(match.get_weights())
+        set_layer_weights(layer, match.get_weights())
         copied.append(layer.name)
     if not any(name in copied for name in (la.name for la in backbone_layers(target))):
         raise ConfigError(

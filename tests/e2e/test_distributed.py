@@ -15,14 +15,13 @@ compared trainings use `model.norm: none` (and no dropout).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import zipfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,20 +72,32 @@ def history(repo: Path) -> dict[str, list[float]]:
     return {name: [float(row[name]) for row in rows] for name in rows[0]}
 
 
+# Runs in a fresh interpreter: h5py segfaulted at File.close inside long-lived CI workers
+# twice (over a BytesIO and over a real file), never in a process of its own.
+READ_WEIGHTS = """
+import sys, zipfile, h5py, numpy as np
+model, h5, npz = sys.argv[1:]
+with zipfile.ZipFile(model) as archive, open(h5, "wb") as f:
+    f.write(archive.read("model.weights.h5"))
+found = {}
+with h5py.File(h5, "r") as f:
+    f.visititems(lambda n, i: found.__setitem__(n, i[()]) if isinstance(i, h5py.Dataset) else None)
+np.savez(npz, **{n.replace("/", "|"): v for n, v in found.items()})
+"""
+
+
 def weights(repo: Path) -> dict[str, np.ndarray]:
     """Every weight of data/model/model.keras, by its path in the file (h5py, no Keras)."""
-    import h5py
-
-    with zipfile.ZipFile(repo / "data" / "model" / "model.keras") as archive:
-        data = archive.read("model.weights.h5")
-    found: dict[str, np.ndarray] = {}
-    with h5py.File(io.BytesIO(data), "r") as h5:
-        h5.visititems(
-            lambda name, item: (
-                found.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
-            )
+    with tempfile.TemporaryDirectory() as folder:
+        npz, h5 = Path(folder) / "weights.npz", Path(folder) / "model.weights.h5"
+        model = repo / "data" / "model" / "model.keras"
+        subprocess.run(
+            [sys.executable, "-c", READ_WEIGHTS, str(model), str(h5), str(npz)],
+            check=True,
+            timeout=120,
         )
-    return found
+        with np.load(npz) as arrays:
+            return {name.replace("|", "/"): arrays[name] for name in arrays.files}
 
 
 def assert_same_training(reference: Path, other: Path) -> None:

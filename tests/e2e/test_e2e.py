@@ -445,59 +445,6 @@ def test_temp_workspace_experiment_lands_in_the_repo_store(project):
     assert after[-1].info.artifact_uri.startswith((project / "mlartifacts").as_uri())
 
 
-def test_queued_grid_runs_and_compare_reports_it(project):
-    """The README's grid: 2 architectures x 2 weight decays queued, run, then compared."""
-    import time
-
-    grid = [
-        "-S", "model.arch=simple_cnn,resnet18",
-        "-S", "train.weight_decay=0.0,0.001",
-        "-S", "model.width_multiplier=0.25",
-        "-S", "train.epochs=1",
-        "-S", "train.warmup_epochs=0",
-        "-S", "mlflow.experiment=grid-test",
-        "-S", "mlflow.grid=arch-x-wd",
-    ]  # fmt: skip
-    sh(["dvc", "exp", "run", "--queue", *grid], project)
-    sh(["dvc", "queue", "start", "-j", "1"], project)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = sh(["dvc", "queue", "status"], project).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(5)
-    assert "Failed" not in status, status
-
-    c = client(project)
-    experiment = c.get_experiment_by_name("grid-test")
-    grid_runs = c.search_runs([experiment.experiment_id])
-    assert len(grid_runs) == 4
-    combos = {(r.data.params["model.arch"], r.data.params["train.weight_decay"]) for r in grid_runs}
-    assert combos == {(a, w) for a in ("simple_cnn", "resnet18") for w in ("0.0", "0.001")}
-    assert {r.data.tags["grid"] for r in grid_runs} == {"arch-x-wd"}
-    assert all("test_top1" in r.data.metrics for r in grid_runs)
-
-    done = run_cli(["compare", "--experiment", "grid-test"], project)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report_dir = project / "reports" / "grid-test"
-    report = (report_dir / "report.md").read_text()
-    assert sum(line.startswith("| ") for line in report.splitlines()) == 1 + 4  # header + runs
-    # The settings column names what the grid varied, and only that.
-    assert report.count("weight_decay=0.001") == 2 and report.count("weight_decay=0.0 ") == 2
-    assert "width_multiplier" not in report and "epochs=" not in report
-    for name in ("top1_vs_params", "top1_vs_throughput", "learning_curves", "train_val_gap"):
-        png = report_dir / f"{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    (logged,) = c.search_runs(
-        [experiment.experiment_id], filter_string="tags.`pipeline.report` = 'true'"
-    )
-    artifacts = {a.path for a in c.list_artifacts(logged.info.run_id, "report")}
-    assert "report/report.md" in artifacts and "report/learning_curves.png" in artifacts
-
-    bad = run_cli(["compare", "--experiment", "no-such"], project)
-    assert bad.returncode == 2 and "no-such" in bad.stderr and "Traceback" not in bad.stderr
-
-
 def test_killed_repro_resumes_and_ends_with_the_uninterrupted_metrics(project):
     """`kill -9` during training; the next `dvc repro` continues from the last finished
     epoch, in the same MLflow run, and ends with the metrics of an uninterrupted run."""

@@ -1,9 +1,11 @@
-"""`dvc queue start -j 2` over four experiments on the default SQLite store.
+"""A queued grid: `dvc queue start -j 2` over four experiments on the default SQLite
+store, then `compare` over them.
 
 Two queue workers run two experiments at once, each writing its run, per-epoch
 metrics, test metrics and registered model version to the one `mlflow.db`.
 Every run must end FINISHED and complete, and two of them must have overlapped
-in time (else this would test nothing that the `-j 1` grid test does not).
+in time (else two workers would be tested no better than one). `compare` then
+reports the grid as the README shows: one row a run, the varied setting named.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_RUN, copy_project, pipeline_env, sh
+from conftest import QUICK_RUN, copy_project, pipeline_env, run_cli, sh
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
 LEARNING_RATES = ("0.01", "0.02", "0.03", "0.04")
 EXPERIMENT = "queue-j2"
+GRID = "lr-sweep"
 MODEL_NAME = "queue-j2-classifier"
 EPOCH_METRICS = (
     "train_loss",
@@ -127,14 +130,12 @@ def queue_logs(repo: Path, name: str) -> str:
     return f"--- {name}:\n{(done.stdout + done.stderr)[-3000:]}"
 
 
-def test_two_queue_workers_leave_four_complete_runs_in_sqlite(project):
+def test_two_queue_workers_leave_four_complete_runs_that_compare_reports(project):
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
 
-    sh(
-        ["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(LEARNING_RATES)}"],
-        project,
-    )
+    grid = ["-S", f"train.learning_rate={','.join(LEARNING_RATES)}", "-S", f"mlflow.grid={GRID}"]
+    sh(["dvc", "exp", "run", "--queue", *grid], project)
     sh(["dvc", "queue", "start", "-j", "2"], project)
     tasks = wait_for_queue(project)
 
@@ -156,6 +157,7 @@ def test_two_queue_workers_leave_four_complete_runs_in_sqlite(project):
     runs = store.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags.get("dvc_experiment") for r in runs) == sorted(tasks)
     assert sorted(r.data.params["train.learning_rate"] for r in runs) == list(LEARNING_RATES)
+    assert {r.data.tags["grid"] for r in runs} == {GRID}
     for run in runs:
         name = run.data.tags["dvc_experiment"]
         assert run.info.status == "FINISHED", (name, run.info.status)
@@ -187,3 +189,24 @@ def test_two_queue_workers_leave_four_complete_runs_in_sqlite(project):
         min(a[1], b[1]) - max(a[0], b[0]) for i, a in enumerate(spans) for b in spans[i + 1 :]
     ]
     assert max(overlaps) > 0, f"no two runs overlapped: {spans}"
+
+    # `compare` over the grid: a row a run; the settings column names what varied, only that.
+    done = run_cli(["compare", "--experiment", EXPERIMENT], project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report_dir = project / "reports" / EXPERIMENT
+    report = (report_dir / "report.md").read_text()
+    assert sum(line.startswith("| ") for line in report.splitlines()) == 1 + 4  # header + runs
+    for rate in LEARNING_RATES:
+        assert report.count(f"learning_rate={rate}") == 1, (rate, report)
+    assert "epochs=" not in report
+    for name in ("top1_vs_params", "top1_vs_throughput", "learning_curves", "train_val_gap"):
+        png = report_dir / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    (logged,) = store.search_runs(
+        [experiment.experiment_id], filter_string="tags.`pipeline.report` = 'true'"
+    )
+    artifacts = {a.path for a in store.list_artifacts(logged.info.run_id, "report")}
+    assert "report/report.md" in artifacts and "report/learning_curves.png" in artifacts
+
+    bad = run_cli(["compare", "--experiment", "no-such"], project)
+    assert bad.returncode == 2 and "no-such" in bad.stderr and "Traceback" not in bad.stderr

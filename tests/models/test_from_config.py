@@ -19,7 +19,7 @@ from dataclasses import replace
 import pytest
 from conftest import SAME_CODE_AS_SIBLING
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig, check_transfer
 from pipeline.errors import ConfigError
 from pipeline.models.architectures import get_spec, list_models
 from pipeline.models.from_config import build, check_model
@@ -171,7 +171,8 @@ def test_segmentation_choices_reach_encoder_and_decoder():
         model.get_layer(name)  # encoder, ASPP and decoder alike
 
 
-def test_backbone_lr_scale_needs_init_from():
-    with pytest.raises(ConfigError, match="train.backbone_lr_scale 0.1 needs train.init_from"):
-        TrainConfig(backbone_lr_scale=0.1)
-    assert TrainConfig(backbone_lr_scale=0.1, init_from="m.keras").backbone_lr_scale == 0.1
+def test_backbone_lr_scale_needs_starting_weights():
+    with pytest.raises(ConfigError, match="train.backbone_lr_scale 0.1 needs model.pretrained"):
+        check_transfer(ModelConfig(), TrainConfig(backbone_lr_scale=0.1))
+    check_transfer(ModelConfig(), TrainConfig(backbone_lr_scale=0.1, init_from="m.keras"))
+    check_transfer(ModelConfig(pretrained="imagenet"), TrainConfig(backbone_lr_scale=0.1))

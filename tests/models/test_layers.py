@@ -16,7 +16,7 @@ from pipeline.models.blocks import (
     downsample,
     norm,
 )
-from pipeline.models.layers import Pad2D, StochasticDepth
+from pipeline.models.layers import ClassToken, Pad2D, StochasticDepth
 
 NP_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -56,6 +56,23 @@ def test_stochastic_depth_survives_save_and_load(tmp_path):
     assert loaded.get_layer("drop").rate == 0.3 and loaded.get_layer("drop").seed == 4
     x = np.ones((4, 3, 3, 2), np.float32)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), x)  # inference: identity
+
+
+def test_class_token_is_prepended_and_survives_save_and_load(tmp_path):
+    inputs = keras.Input((4, 3))
+    layer = ClassToken(stddev=0.5, name="token")
+    model = keras.Model(inputs, layer(inputs))
+    token = np.arange(3, dtype=np.float32).reshape(1, 1, 3)
+    layer.token.assign(token)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.get_layer("token").get_config() == layer.get_config()
+    assert loaded.get_layer("token").stddev == 0.5
+    x = np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32)
+    got = keras.ops.convert_to_numpy(loaded(x))
+    assert got.shape == (2, 5, 3)
+    np.testing.assert_array_equal(got[:, 0], np.repeat(token[:, 0], 2, axis=0))
+    np.testing.assert_array_equal(got[:, 1:], x)
 
 
 @pytest.mark.parametrize("mode", list(NP_MODE))

@@ -97,9 +97,11 @@ def test_a_short_training_run_records_cpu_and_memory_quietly(
 
 def test_a_resumed_run_continues_its_system_metrics(digits_prepared, project, monkeypatch):
     """Interrupted after epoch 1 of 2, then resumed by the next train: the one run holds
-    samples from both processes' parts, at steps that do not repeat."""
+    samples from both processes' parts, at steps that do not repeat. Sampled every 0.5 s:
+    at the default 2 s, a fast machine's interrupted part (one epoch) logged none."""
     from pipeline.stages import train as train_stage
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     two = TrainConfig(epochs=2, batch_size=128, warmup_epochs=0, learning_rate=0.01)
     real = train_stage.fit_model
     with monkeypatch.context() as patch:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import SHORT_TRAIN, TINY_MODEL
 
-from pipeline.config import AugmentConfig, ModelConfig, TrainConfig
+from pipeline.config import AugmentConfig, ModelConfig, TrainConfig, check_transfer
 from pipeline.data.data_card import read_card
 from pipeline.errors import ConfigError
 from pipeline.models.architectures import build_model
@@ -230,8 +230,11 @@ def test_phases_of_each_finetune_mode():
 def test_bad_init_from_names_the_key(digits_prepared, tmp_path):
     with pytest.raises(ConfigError, match="train.init_from"):
         fit(digits_prepared, tmp_path, cfg=replace(SHORT, init_from=str(tmp_path / "nope.keras")))
-    with pytest.raises(ConfigError, match="train.finetune: frozen needs train.init_from"):
-        TrainConfig(finetune="frozen")
+    with pytest.raises(ConfigError, match="train.finetune: frozen needs weights to start from"):
+        check_transfer(ModelConfig(), TrainConfig(finetune="frozen"))
+    check_transfer(ModelConfig(pretrained="w.pth"), TrainConfig(finetune="frozen"))
+    with pytest.raises(ConfigError, match="train.init_from and model.pretrained both"):
+        check_transfer(ModelConfig(pretrained="w.pth"), TrainConfig(init_from="m.keras"))
 
 
 def test_train_stage_refuses_a_missing_init_from_before_any_run(digits_prepared, tmp_path):

@@ -267,7 +267,9 @@ def timm_model(name: str, num_classes: int, small_input: bool, side: int):
     downsampling block at stride 1)."""
     import torch
 
-    _torchvision_stand_in()
+    from pipeline.tools.bench import torchvision_stand_in
+
+    torchvision_stand_in.install()
     import timm
 
     # this zoo's ViT cuts 4x4 patches for small inputs, 16x16 otherwise
@@ -288,61 +290,6 @@ def timm_model(name: str, num_classes: int, small_input: bool, side: int):
                 conv.stride = (1, 1)
                 break
     return model
-
-
-def _torchvision_stand_in() -> None:
-    """Let timm import where torchvision cannot be installed.
-
-    timm imports torchvision at import time for its data pipeline and a few
-    layers this benchmark never calls (it builds a model and feeds it tensors).
-    PyPI has no CPU build of torchvision and the CUDA build does not load beside
-    CPU torch, so without a working torchvision every `torchvision.*` import gets
-    a stand-in whose names are inert placeholder classes; any real use of one
-    fails loudly.
-    """
-    import importlib.abc
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    try:
-        import torchvision  # noqa: F401
-
-        return
-    except (ImportError, RuntimeError):
-        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-
-    class Placeholder(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Placeholder(name, (), {})
-
-        def __call__(cls, *args, **kwargs):
-            raise RuntimeError(f"torchvision stand-in: {cls.__name__} is not available")
-
-    class StandIn(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Placeholder(name, (), {})
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname.split(".")[0] != "torchvision":
-                return None
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-
-        def create_module(self, spec):
-            module = StandIn(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, Finder())
 
 
 def has_gpu(framework: str) -> bool:
