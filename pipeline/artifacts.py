@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import DataError
 from pipeline.layout import producer
@@ -207,25 +206,42 @@ def _first(exc: BaseException) -> str:
     return text.split(". ")[0][:120]
 
 
+# Run in an interpreter of its own: in long-lived processes that had Keras save and load
+# weights (a resumed training, a test worker) h5py segfaulted at File.close, taking the
+# process with it; in a process of its own it never did.
+_READ_HDF5 = """
+import sys, h5py
+def read(name, item):
+    if isinstance(item, h5py.Dataset):
+        item[()]
+try:
+    with h5py.File(sys.argv[1], "r") as f:
+        f.visititems(read)
+except OSError as exc:
+    print(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    sys.exit(3)
+"""
+
+
 def check_hdf5(path: Path, *, who: str = "") -> None:
     """Every dataset of the HDF5 file `path` (Keras weights) reads back whole."""
-    import h5py
-
-    def read(name: str, item: Any) -> None:
-        if isinstance(item, h5py.Dataset):
-            item[()]
+    import subprocess
+    import sys
 
     with reading(path, who=who):
         open(path, "rb").close()  # noqa: SIM115 - the OSError of a missing or unreadable file
-        try:
-            with h5py.File(path, "r") as f:
-                f.visititems(read)
-        except OSError as exc:
-            if isinstance(exc, PermissionError | FileNotFoundError):
-                raise
-            raise damaged(
-                path, f"is not a whole HDF5 weights file ({_first(exc)})", who=who
-            ) from None
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", _READ_HDF5, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode == 3:
+        reason = done.stdout.strip().split(". ")[0][:120]
+        raise damaged(path, f"is not a whole HDF5 weights file ({reason})", who=who)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:120]
+        raise damaged(path, f"could not be read back as HDF5 ({last})", who=who)
 
 
 def check_card_fits_model(card: dict, card_path: Path, model, model_path: Path | str) -> None:
