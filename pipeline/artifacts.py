@@ -231,7 +231,7 @@ def check_hdf5(path: Path, *, who: str = "") -> None:
     with reading(path, who=who):
         open(path, "rb").close()  # noqa: SIM115 - the OSError of a missing or unreadable file
     done = subprocess.run(
-        [sys.executable, "-I", "-c", _READ_HDF5, str(path)],
+        [sys.executable, "-c", _READ_HDF5, str(path)],
         capture_output=True,
         text=True,
         check=False,
