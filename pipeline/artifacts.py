@@ -202,8 +202,12 @@ def read_keras_model(path: Path, *, who: str = ""):
 
 def _first(exc: BaseException) -> str:
     """The first sentence of an exception's message, for a one-line error."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.split(". ")[0][:120]
+    return _first_sentence(str(exc)) or type(exc).__name__
+
+
+def _first_sentence(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].split(". ")[0][:120] if lines else ""
 
 
 # Run in an interpreter of its own: in long-lived processes that had Keras save and load
@@ -218,7 +222,7 @@ try:
     with h5py.File(sys.argv[1], "r") as f:
         f.visititems(read)
 except OSError as exc:
-    print(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    print(exc or type(exc).__name__)
     sys.exit(3)
 """
 
@@ -237,7 +241,7 @@ def check_hdf5(path: Path, *, who: str = "") -> None:
         check=False,
     )
     if done.returncode == 3:
-        reason = done.stdout.strip().split(". ")[0][:120]
+        reason = _first_sentence(done.stdout)
         raise damaged(path, f"is not a whole HDF5 weights file ({reason})", who=who)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:120]
