@@ -138,6 +138,46 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"predict: {count} images -> {args.output}")
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from pipeline.tools import score
+
+    summary, run_id = score.run(
+        args.data,
+        args.out,
+        model_uri=args.model,
+        split=args.split,
+        sha256=args.sha256,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        allow_missing_classes=args.allow_missing_classes,
+        timeout_s=args.timeout_s,
+        log=not args.no_log,
+    )
+    if "test_miou" in summary:
+        line = f"mIoU {summary['test_miou']:.4f}, mean Dice {summary['test_mean_dice']:.4f}"
+    else:
+        line = f"top-1 {summary['test_top1']:.4f}, top-5 {summary['test_top5']:.4f}"
+    logged = f"; evaluation run {run_id}" if run_id else ""
+    print(
+        f"score: {summary['num_images']} images ({summary['split']}), {line} -> {args.out}{logged}"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipeline.tools import export
+
+    result = export.run(
+        args.out,
+        model_uri=args.model,
+        fmt=args.format,
+        quantize=args.quantize,
+        calibration=args.calibration,
+        prepared_dir=args.prepared,
+        log=not args.no_log,
+    )
+    print(export.summary_line(result))
+
+
 def cmd_explain(args: argparse.Namespace) -> None:
     from pipeline.tools import explain
 
@@ -303,6 +343,70 @@ def build_parser() -> argparse.ArgumentParser:
         help=MODEL_URI_HELP,
     )
     predict.set_defaults(func=cmd_predict)
+    score = commands.add_parser(
+        "score",
+        help="a trained model on new labelled data: evaluate's metrics and plots, logged as "
+        "an MLflow evaluation run of the model (docs/scoring.md)",
+    )
+    score.add_argument(
+        "--data",
+        required=True,
+        help="a folder or an archive (path or http(s) URL) laid out as fetch reads them",
+    )
+    score.add_argument("--model", help=MODEL_URI_HELP)
+    score.add_argument("--sha256", default="", help="the checksum an archive must match")
+    score.add_argument(
+        "--split", help="the split folder to score (default: test/ where the data has splits)"
+    )
+    score.add_argument(
+        "--tta",
+        choices=["none", "flip", "flip_translate"],
+        default="none",
+        help="test-time augmentation (default: none)",
+    )
+    score.add_argument("--batch-size", type=int, default=256, help="default 256")
+    score.add_argument(
+        "--allow-missing-classes",
+        action="store_true",
+        help="score data that lacks some of the model's classes",
+    )
+    score.add_argument("--timeout-s", type=float, default=60, help="download timeout (60)")
+    score.add_argument(
+        "--out", type=Path, default=Path("reports/score"), help="default: reports/score"
+    )
+    score.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    score.set_defaults(func=cmd_score)
+    export = commands.add_parser(
+        "export",
+        help="the model as ONNX, LiteRT or a SavedModel, float32 or int8, checked against "
+        "Keras and logged to its run (docs/export.md)",
+    )
+    export.add_argument("--model", help=MODEL_URI_HELP)
+    export.add_argument(
+        "--format", choices=["onnx", "litert", "saved_model"], default="onnx", help="default onnx"
+    )
+    export.add_argument(
+        "--quantize",
+        choices=["none", "dynamic", "int8"],
+        default="none",
+        help="post-training quantization (default: none)",
+    )
+    export.add_argument(
+        "--calibration",
+        type=int,
+        default=256,
+        help="--quantize int8: train images that calibrate the ranges (default 256)",
+    )
+    export.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("data/prepared"),
+        help="prepared data of the model's classes: the agreement check reads its test "
+        "split, calibration its train split (default: data/prepared)",
+    )
+    export.add_argument("--out", type=Path, default=Path("exports"), help="default: exports/")
+    export.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    export.set_defaults(func=cmd_export)
     explain = commands.add_parser(
         "explain",
         help="what a classifier looks at: Grad-CAM, saliency, feature maps, filters, "

@@ -313,6 +313,8 @@ class EvaluateConfig:
     explain: bool = True
     gradcam_images: int = _num(8, ge=1, le=64)  # per grid; classification only
     erf_images: int = _num(32, ge=1, le=1024)  # test images the receptive field averages
+    # test-time augmentation (`scoring.tta`): none | flip | flip_translate (classifiers)
+    tta: Literal["none", "flip", "flip_translate"] = "none"
 
     def __post_init__(self) -> None:
         if self.explain:
@@ -332,7 +334,13 @@ def _default(cls: type, key: str) -> Any:
 
 def check_evaluate(task: str, cfg: EvaluateConfig) -> None:
     """Grad-CAM grids need one class score per image: a segmentation run refuses a
-    gradcam_images other than the default (which it ignores)."""
+    gradcam_images other than the default (which it ignores), and translated views
+    (a shifted mask has no label at its border)."""
+    if task == "segmentation" and cfg.tta == "flip_translate":
+        raise ConfigError(
+            "evaluate.tta: flip_translate is for classifiers; a segmentation model takes "
+            "flip or none"
+        )
     if (
         task == "segmentation"
         and cfg.explain

@@ -128,7 +128,7 @@ def fetch_archive(cfg: FetchConfig, work: Path) -> dict:
     safe_extract(archive, extracted, label=cfg.url)
     archive.unlink()
     _copy_linked_files(extracted)
-    layout = _read_layout(_dataset_root(extracted), extracted, cfg.url)
+    layout = read_layout(_dataset_root(extracted), extracted, cfg.url)
     _move_layout(layout, work)
     shutil.rmtree(extracted)
     splits = sorted(layout.folders) if layout.split else []
@@ -143,6 +143,12 @@ def fetch_archive(cfg: FetchConfig, work: Path) -> dict:
         task=layout.task,
         ignore_index=cfg.ignore_index if segmentation else None,
     )
+
+
+def read_folder(folder: Path, label: str) -> Layout:
+    """The layout of an image folder already on disk (`score` reads new data so), found
+    as fetch finds an archive's: lone wrapper folders descended; `label` names it in errors."""
+    return read_layout(_dataset_root(folder), folder, label)
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -193,7 +199,7 @@ def _shower(top: Path, url: str):
     return lambda path: _shown(path, top, url)
 
 
-def _read_layout(root: Path, top: Path, url: str) -> Layout:
+def read_layout(root: Path, top: Path, url: str) -> Layout:
     """Classify root as split or class layout and validate it; DataError names the folder."""
     dirs = _visible_dirs(root)
     if not dirs:

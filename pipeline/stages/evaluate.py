@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import write_json
 from pipeline.config import EvaluateConfig, check_evaluate, flatten
 from pipeline.layout import METRICS_DIR, MODEL_DIR, PLOTS_DIR, PREPARED_DIR, data_card_file
-
-IMAGES_DIR = "images"
-TABLES_DIR = "tables"  # one DVC output whatever the task: confusion.csv or per_class_iou.csv
+from pipeline.scoring.reports import IMAGES_DIR, TABLES_DIR
 
 
 def run(
@@ -30,8 +27,7 @@ def run(
     from pipeline.artifacts import check_card_fits_model
     from pipeline.data.data_card import read_card
     from pipeline.models.saved import MODEL_FILE, load_trained_model
-    from pipeline.scoring import plots
-    from pipeline.scoring.metrics import classification_report
+    from pipeline.scoring import reports
     from pipeline.scoring.predictions import predict_split
     from pipeline.tracking import runs
     from pipeline.training.history import HISTORY_FILE, read_history
@@ -46,17 +42,8 @@ def run(
     if card.get("task") == "segmentation":
         return run_segmentation(cfg, inputs, prepared_dir, model_dir, metrics_dir, plots_dir)
     classes = card["classes"]
-    probs, labels = predict_split(model, prepared_dir, "test", cfg.batch_size)
-    report, cm = classification_report(probs, labels, classes)
-    per_class = report.pop("per_class")
-    images = plots_dir / IMAGES_DIR
-    files = [
-        plots.confusion_matrix_png(cm, classes, images / "confusion_matrix.png"),
-        plots.per_class_png(per_class, images / "per_class.png"),
-        plots.confusion_csv(
-            labels, probs.argmax(axis=1), classes, plots_dir / TABLES_DIR / "confusion.csv"
-        ),
-    ]
+    probs, labels = predict_split(model, prepared_dir, "test", cfg.batch_size, cfg.tta)
+    report, per_class, files = reports.classification(probs, labels, classes, plots_dir)
     if cfg.explain:
         files += explain_classifier(cfg, model, prepared_dir, probs, labels, classes, plots_dir)
         files += explain_network(cfg, model, prepared_dir, plots_dir, report)
@@ -107,9 +94,6 @@ def record(
     return report
 
 
-METRIC_UNSAFE = re.compile(r"[^\w.-]")  # characters MLflow metric names may not hold
-
-
 def run_segmentation(
     cfg: EvaluateConfig,
     inputs: Inputs,
@@ -121,56 +105,28 @@ def run_segmentation(
     """mIoU, Dice, pixel and mean class accuracy over the test split (and the same over the
     val split as `eval_val_*`: benchmarks such as CamVid report val); per-class IoU table,
     examples of predictions next to ground truth; logged to the training run."""
-    from pipeline.scoring import plots
+    from pipeline.scoring import reports
     from pipeline.scoring.metrics import segmentation_report
     from pipeline.scoring.predictions import segment_split
 
     card, model = inputs.card, inputs.model
     check_evaluate("segmentation", cfg)
-    classes = card["classes"]
-    cm, (images, masks, preds) = segment_split(model, prepared_dir, "test", cfg.batch_size, card)
-    report = segmentation_report(cm, classes)
-    per_class = report.pop("per_class")
+    cm, examples = segment_split(model, prepared_dir, "test", cfg.batch_size, card, cfg.tta)
+    report, per_class, files, per_class_iou = reports.segmentation(cm, examples, card, plots_dir)
     if card["counts"].get("val"):
         # not `val_*`: those name training's per-epoch curves in the same MLflow run
-        val_cm, _ = segment_split(model, prepared_dir, "val", cfg.batch_size, card)
-        val = segmentation_report(val_cm, classes)
+        val_cm, _ = segment_split(model, prepared_dir, "val", cfg.batch_size, card, cfg.tta)
+        val = segmentation_report(val_cm, card["classes"])
         report |= {
             "eval_val_" + k.removeprefix("test_"): v
             for k, v in val.items()
             if k.startswith("test_")
         }
-    table = plots_dir / TABLES_DIR / "per_class_iou.csv"
-    write_text(
-        table,
-        "class,iou,dice,accuracy,pixels\n"
-        + "".join(
-            f"{name},{_cell(v['iou'])},{_cell(v['dice'])},{_cell(v['accuracy'])},{v['pixels']}\n"
-            for name, v in per_class.items()
-        ),
-    )
-    out = plots_dir / IMAGES_DIR
-    files = [
-        plots.per_class_iou_png(per_class, out / "per_class_iou.png"),
-        plots.segmentation_examples_png(
-            images, masks, preds, classes, card["ignore_index"], out / "test_examples.png"
-        ),
-        table,
-    ]
-    per_class_iou = {
-        "test_iou_" + METRIC_UNSAFE.sub("_", name): v["iou"]
-        for name, v in per_class.items()
-        if v["iou"] is not None
-    }
     if cfg.explain:
         files += explain_network(cfg, model, prepared_dir, plots_dir, report)
     return record(
         cfg, report, per_class, files, inputs, model_dir, metrics_dir, plots_dir, per_class_iou
     )
-
-
-def _cell(value: float | None) -> str:
-    return "" if value is None else f"{value:.6f}"
 
 
 def explain_classifier(

@@ -38,7 +38,7 @@ def run(
     from pipeline.models.from_config import check_model
     from pipeline.models.model_card import model_card
     from pipeline.models.saved import inference_copy, model_summary
-    from pipeline.tracking import logged_models, runs, store
+    from pipeline.tracking import datasets, logged_models, runs, store
     from pipeline.training import devices
     from pipeline.training.augment import check_augment, check_mask_augment
     from pipeline.training.checkpoints import RUN_ID_FILE, reset_stale_checkpoint
@@ -111,6 +111,7 @@ def run(
             resume_file=checkpoint_dir / RUN_ID_FILE,
         ) as run_id,
     ):
+        datasets.log_inputs(datasets.training_inputs(card))  # the run page's Datasets panel
         try:
             result = fit_model(
                 model_cfg, cfg, prepared_dir, card, **fit_args, loggers=[runs.epoch_logger()]
