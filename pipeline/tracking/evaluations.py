@@ -109,3 +109,45 @@ def _short(source: str) -> str:
 def _folder(path: Path) -> str | None:
     """Plots under plots/, tables under tables/, the JSON files at the top."""
     return {"images": "plots", "tables": "tables"}.get(path.parent.name)
+
+
+EXPORT_METRICS = (
+    "size_bytes",
+    "size_vs_float32",
+    "max_abs_logit_diff",
+    "max_abs_probability_diff",
+    "top1_agreement",
+    "export_top1",
+)
+
+
+def log_export(ref: ModelRef, fmt: str, files: dict[str, Path], result: dict, record: Path):
+    """Log each exported copy to the run that trained the model: ONNX ones as MLflow onnx
+    models (`onnx_float32`, `onnx_int8`, ...), others as artifacts under `exports/`;
+    their size and agreement as metrics `export.<format>.<precision>.<figure>`."""
+    then = "the exported files are written; rerun export when it answers"
+    mlflow = connect()
+    with reaching_the_store(then), mlflow.start_run(run_id=ref.run_id, log_system_metrics=False):
+        for precision, path in files.items():
+            figures = result["copies"][precision]
+            mlflow.log_metrics(
+                {f"export.{fmt}.{precision}.{k}": float(figures[k]) for k in EXPORT_METRICS}
+            )
+            if fmt == "onnx":
+                import mlflow.onnx
+                import onnx
+
+                mlflow.onnx.log_model(
+                    onnx.load(str(path)),
+                    name=f"onnx_{precision}",
+                    metadata={"source_model_uri": ref.uri, **_scalars(figures)},
+                )
+            elif path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=f"exports/{path.name}")
+            else:
+                mlflow.log_artifact(str(path), artifact_path="exports")
+        mlflow.log_artifact(str(record), artifact_path=f"exports/{fmt}")
+
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, int | float | str)}
