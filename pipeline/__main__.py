@@ -254,6 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.data,
         args.devices,
         args.batch_size,
+        _names(args.exported),
     )
     xla = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
     planned = bench.cases(
@@ -263,6 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         xla=xla,
         peer=args.peer == "timm",
         devices=args.devices,
+        exported=_names(args.exported),
         image_size=args.image_size,
         batch_size=args.batch_size,
         steps=args.steps,
@@ -540,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--imagenet-stem", action="store_true", help="ImageNet stems instead of small-input ones"
     )
     bench.add_argument("--peer", choices=["none", "timm"], default="none", help="PyTorch/timm too")
+    bench.add_argument(
+        "--exported",
+        nargs="+",
+        default=[],
+        metavar="RUNTIME",
+        help="onnx onnx_int8 litert litert_int8: each arch's model exported, inference on that "
+        "runtime; every case then also times batch 1 and 32",
+    )
     bench.add_argument(
         "--out", type=Path, default=Path("bench/results.jsonl"), help="JSON lines (+ .md table)"
     )

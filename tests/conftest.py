@@ -56,6 +56,16 @@ def pipeline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def in_project(root: Path):
+    """cwd `root`, its own store: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, and a
+    MonkeyPatch context restores another test's value when it exits."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in `cwd`, output captured as text."""
     return subprocess.run(

@@ -72,7 +72,10 @@ def load(
                 raise DataError(f"{STAGE}: {location}: no such folder or archive")
             work = Path(tmp)
             cfg = FetchConfig(source="archive", url=location, sha256=sha256, timeout_s=timeout_s)
-            info = sources.fetch_archive(cfg, work)
+            try:
+                info = sources.fetch_archive(cfg, work)
+            except DataError as exc:  # fetch's words, said by this command
+                raise DataError(str(exc).replace("fetch: ", f"{STAGE}: ", 1)) from None
             splits = info["splits"]
             roots = {s: work / s for s in splits} if splits else {"all": work}
             task, archive_digest = info["task"], info["sha256"]

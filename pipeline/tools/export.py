@@ -91,7 +91,7 @@ def run(
         write_json(tmp / EXPORT_FILE, result)
     if log:
         files = {precision: out / path.name for precision, path in copies.items()}
-        evaluations.log_export(ref, fmt, files, result, out / EXPORT_FILE)
+        result["logged"] = evaluations.log_export(ref, fmt, files, result, out / EXPORT_FILE)
     return result
 
 
@@ -172,4 +172,6 @@ def summary_line(result: dict) -> str:
             f"{entry['max_abs_logit_diff']:.2g}, top-1 agreement {entry['top1_agreement']:.2%}, "
             f"top-1 {entry['export_top1']:.4f} (Keras {entry['keras_top1']:.4f})"
         )
-    return f"export: {result['format']}: " + "; ".join(parts)
+    logged = result.get("logged")
+    where = f"; logged as {', '.join(logged.values())}" if logged else ""
+    return f"export: {result['format']}: " + "; ".join(parts) + where

@@ -121,12 +121,16 @@ EXPORT_METRICS = (
 )
 
 
-def log_export(ref: ModelRef, fmt: str, files: dict[str, Path], result: dict, record: Path):
+def log_export(
+    ref: ModelRef, fmt: str, files: dict[str, Path], result: dict, record: Path
+) -> dict[str, str]:
     """Log each exported copy to the run that trained the model: ONNX ones as MLflow onnx
     models (`onnx_float32`, `onnx_int8`, ...), others as artifacts under `exports/`;
-    their size and agreement as metrics `export.<format>.<precision>.<figure>`."""
+    their size and agreement as metrics `export.<format>.<precision>.<figure>`. Return
+    where each copy is in the store (a model URI, or the run's artifact path)."""
     then = "the exported files are written; rerun export when it answers"
     mlflow = connect()
+    logged = {}
     with reaching_the_store(then), mlflow.start_run(run_id=ref.run_id, log_system_metrics=False):
         for precision, path in files.items():
             figures = result["copies"][precision]
@@ -137,16 +141,20 @@ def log_export(ref: ModelRef, fmt: str, files: dict[str, Path], result: dict, re
                 import mlflow.onnx
                 import onnx
 
-                mlflow.onnx.log_model(
+                info = mlflow.onnx.log_model(
                     onnx.load(str(path)),
                     name=f"onnx_{precision}",
                     metadata={"source_model_uri": ref.uri, **_scalars(figures)},
                 )
+                logged[precision] = info.model_uri
             elif path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=f"exports/{path.name}")
+                logged[precision] = f"runs:/{ref.run_id}/exports/{path.name}"
             else:
                 mlflow.log_artifact(str(path), artifact_path="exports")
+                logged[precision] = f"runs:/{ref.run_id}/exports/{path.name}"
         mlflow.log_artifact(str(record), artifact_path=f"exports/{fmt}")
+    return logged
 
 
 def _scalars(values: dict) -> dict:

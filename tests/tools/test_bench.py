@@ -120,6 +120,42 @@ def test_devices_give_a_row_per_count_and_the_scaling_efficiency(tmp_path):
     assert "| 8 | 2 |" in rows[2] and "% |" in rows[2]
 
 
+def test_exported_copies_are_measured_beside_keras_at_batch_1_and_32(tmp_path):
+    """ONNX Runtime rows, float32 and int8, of the same simple_cnn: inference only, the
+    file's size, and batch 1 and 32 on every row; training columns blank on theirs."""
+    args = ["bench", "--arch", "simple_cnn", "--image-size", "16", *TINY]
+    done = run_cli([*args, "--exported", "onnx", "onnx_int8", "--out", "r.jsonl"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    keras_row, onnx, int8 = rows
+    assert [(r["framework"], r["precision"]) for r in rows] == [
+        ("keras", "float32"), ("onnxruntime", "float32"), ("onnxruntime", "int8")
+    ]  # fmt: skip
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["infer_b1_images_per_s"] > 0 and r["infer_b32_images_per_s"] > 0
+        assert r["infer_b1_ms"] > 0 and r["infer_b32_ms"] > 0 and r["infer_images_per_s"] > 0
+    assert "train_images_per_s" not in onnx and keras_row["train_images_per_s"] > 0
+    assert 0 < int8["file_bytes"] < onnx["file_bytes"]
+    assert onnx["mmacs_per_image"] == keras_row["mmacs_per_image"]
+    assert "simple_cnn onnxruntime int8 (from keras/tensorflow): infer " in done.stdout
+    lines = (tmp_path / "r.md").read_text().splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    assert "| batch 1 img/s |" in table[0] and "| file MB |" in table[0] and len(table) == 4
+    assert table[2].startswith("| simple_cnn | onnxruntime | tensorflow | float32 |  | 8 | 1 |  |")
+    assert table[3].startswith("| simple_cnn | onnxruntime | tensorflow | int8 |")
+
+
+def test_a_bad_exported_runtime_is_a_one_line_error(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    code = main(["bench", "--exported", "onnx,tensorrt", "--out", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--exported: 'tensorrt' is not one of onnx, onnx_int8, litert, litert_int8" in err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 @pytest.mark.parametrize(
     "args, key",
     [

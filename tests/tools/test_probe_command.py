@@ -4,7 +4,6 @@ logged a registered model; each bad input one line, exit 2."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import shutil
@@ -12,19 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import in_project, run_cli
 
 from pipeline.__main__ import main
-
-
-@contextlib.contextmanager
-def in_project(root: Path):
-    """cwd `root`, its own store: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, and a
-    MonkeyPatch context restores another test's value when it exits."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield
 
 
 def csv_test_top1(csv_file: Path) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """`python -m pipeline bench`: what an architecture costs to train and run, per precision,
-XLA setting and backend, with PyTorch/timm measured beside it.
+XLA setting and backend, with PyTorch/timm and exported copies (ONNX Runtime, LiteRT)
+measured beside it.
 
 Every combination runs in a process of its own (`python -m pipeline.tools.bench.worker`):
 the Keras backend is fixed per process, peak host memory is the worker's own,
@@ -14,6 +15,14 @@ alone (the trainer's own `ArrayBatches` over the same data), the first step's
 time (compilation included), peak host and device memory, and MACs per image.
 Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes
 (forward, and backward for activations and weights), as is usual.
+
+With `--exported`, each architecture's Keras model (float32, built as its Keras case
+builds it) is also converted by `pipeline.export` on the TensorFlow backend, to ONNX or
+LiteRT, float32 or int8 (calibrated on 64 of the case's images), and its runtime measured:
+inference only, with the file's size. Every case of such a sweep also times inference at
+batch 1 and 32 (`LATENCY_BATCHES`), so that the rows compare at the same batches. Each
+framework uses every core the process may: TensorFlow's and PyTorch's default thread
+pools, and ONNX Runtime and LiteRT with one thread per core (`pipeline.export.runtimes`).
 
 Results: one JSON object per case appended to a `.jsonl` file, and a markdown
 table with the machine, versions, date and command in its header.
@@ -33,7 +42,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.tools.bench.cases import BACKENDS, PRECISIONS, TIMM_NAMES, Case
+from pipeline.tools.bench.cases import (
+    BACKENDS,
+    EXPORTED,
+    LATENCY_BATCHES,
+    PRECISIONS,
+    TIMM_NAMES,
+    Case,
+)
 
 CASE_TIMEOUT_S = 1800
 
@@ -63,20 +79,30 @@ def cases(
     xla: list[bool],
     peer: bool,
     devices: list[int] = (1,),
+    exported: list[str] = (),
     **common,
 ) -> list[Case]:
     """Every (arch, backend, precision, xla, devices) case, device counts side by side, and
     with `peer` the timm case of each (arch, precision, xla) next to them, on one device,
-    for the architectures timm has."""
+    for the architectures timm has; then one case per `exported` runtime of the arch.
+    With `exported`, the one-device cases also time inference at LATENCY_BATCHES."""
+    batches = LATENCY_BATCHES if exported else ()
     out = []
     for arch in archs:
         for precision in precisions:
             for jit in xla:
                 # The JAX backend always compiles the step with XLA (jax.jit).
-                out += [Case(arch, "keras", b, precision, jit or b == "jax", devices=n, **common)
+                out += [Case(arch, "keras", b, precision, jit or b == "jax", devices=n,
+                             infer_batches=batches if n == 1 else (), **common)
                         for b in backends for n in sorted(set(devices))]  # fmt: skip
                 if peer and arch in TIMM_NAMES:
-                    out.append(Case(arch, "timm", "torch", precision, jit, **common))
+                    out.append(Case(arch, "timm", "torch", precision, jit,
+                                    infer_batches=batches, **common))  # fmt: skip
+        for runtime in exported:
+            framework, precision = EXPORTED[runtime]
+            out.append(
+                Case(arch, framework, "tensorflow", precision, infer_batches=batches, **common)
+            )
     return list(dict.fromkeys(out))  # without repeats (JAX under --xla both)
 
 
@@ -88,6 +114,7 @@ def check_options(
     data: str,
     devices: list[int] = (1,),
     batch_size: int = 1,
+    exported: list[str] = (),
 ) -> list[str]:
     """Validate names and device counts; expand `all`. Returns the architecture list."""
     from pipeline.models.architectures import list_models
@@ -108,6 +135,9 @@ def check_options(
             raise ConfigError(
                 f"bench --precision: {precision!r} is not one of {', '.join(PRECISIONS)}"
             )
+    for runtime in exported:
+        if runtime not in EXPORTED:
+            raise ConfigError(f"bench --exported: {runtime!r} is not one of {', '.join(EXPORTED)}")
     if data not in ("synthetic", "prepared"):
         raise ConfigError(f"bench --data: {data!r} is not synthetic or prepared")
     for n in devices:
@@ -186,7 +216,7 @@ def _worker(
 def with_mfu(record: dict, peaks: dict[str, float]) -> dict:
     """`record` with `mfu`: its training FLOP/s over the measured bf16 matmul rate."""
     peak = peaks.get(_runner(record["framework"], record["backend"]))
-    if record["status"] != "ok" or not peak:
+    if record["status"] != "ok" or not peak or not _trained(record):
         return record
     return record | {
         "matmul_tflops": peak,
@@ -198,7 +228,7 @@ def with_scaling(record: dict, earlier: list[dict]) -> dict:
     """`record` with its images/s per device and, when the same case on one device was
     measured, its scaling efficiency: images/s on N / (N x images/s on 1)."""
     n = record.get("devices", 1)
-    if record["status"] != "ok":
+    if record["status"] != "ok" or not _trained(record):
         return record
     out = record | {"train_images_per_s_per_device": record["train_images_per_s"] / n}
     single = [r for r in earlier if r["status"] == "ok" and r.get("devices", 1) == 1
@@ -288,11 +318,15 @@ def sweep(
 def summary(record: dict) -> str:
     if record["status"] != "ok":
         return f"{record['status']}: {record['error']}"
-    text = (
-        f"train {record['train_images_per_s']:.0f} img/s, "
-        f"infer {record['infer_images_per_s']:.0f} img/s, "
-        f"{record['mmacs_per_image']:.1f} MMACs/img"
+    text = f"train {record['train_images_per_s']:.0f} img/s, " if _trained(record) else ""
+    text += (
+        f"infer {record['infer_images_per_s']:.0f} img/s, {record['mmacs_per_image']:.1f} MMACs/img"
     )
+    for n in LATENCY_BATCHES:
+        if f"infer_b{n}_ms" in record:
+            text += f", batch {n} {record[f'infer_b{n}_ms']:.2f} ms"
+    if "file_bytes" in record:
+        text += f", {record['file_bytes'] / 1e6:.2f} MB"
     if record.get("input_images_per_s"):
         text += f", input {record['input_images_per_s']:.0f} img/s"
     if record.get("devices", 1) > 1:
@@ -315,6 +349,11 @@ COLUMNS = [
     ("scaling eff.", "scaling_efficiency"),
     ("step ms (median, IQR)", "step"),
     ("infer img/s", "infer_images_per_s"),
+    ("batch 1 ms", "infer_b1_ms"),
+    ("batch 1 img/s", "infer_b1_images_per_s"),
+    ("batch 32 ms", "infer_b32_ms"),
+    ("batch 32 img/s", "infer_b32_images_per_s"),
+    ("file MB", "file_bytes"),
     ("input img/s", "input_images_per_s"),
     ("first step s", "first_step_s"),
     ("host MB", "peak_host_mb"),
@@ -324,6 +363,26 @@ COLUMNS = [
     ("MFU", "mfu"),
     ("vs timm (train)", "vs_timm"),
 ]
+# Columns a table has only when a row has the figure (a sweep with `--exported`).
+OPTIONAL = {
+    "infer_b1_ms",
+    "infer_b1_images_per_s",
+    "infer_b32_ms",
+    "infer_b32_images_per_s",
+    "file_bytes",
+}
+# Training columns, blank for rows that only run inference (exported copies).
+TRAINING = {
+    "train_images_per_s",
+    "train_images_per_s_per_device",
+    "scaling_efficiency",
+    "step",
+    "input_images_per_s",
+    "first_step_s",
+    "train_gflops_per_s",
+    "mfu",
+    "vs_timm",
+}
 
 
 def table(records: list[dict], info: dict) -> str:
@@ -333,6 +392,8 @@ def table(records: list[dict], info: dict) -> str:
         if r["framework"] == "timm" and r["status"] == "ok":
             peers[(r["arch"], r["precision"], r["xla"])] = r
             peers.setdefault((r["arch"], r["precision"], None), r)
+    columns = [(name, key) for name, key in COLUMNS
+               if key not in OPTIONAL or any(key in r for r in records)]  # fmt: skip
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     lines = [
         f"Machine: {info['machine']}  ",
@@ -350,16 +411,16 @@ def table(records: list[dict], info: dict) -> str:
         f"Command: `{info['command']}`",
         *([f"Note: {info['note'].removeprefix('note: ')}"] if info.get("note") else []),
         "",
-        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "| " + " | ".join(name for name, _ in columns) + " |",
         "|"
         + "|".join(
             "---" if key in ("arch", "framework", "backend", "precision") else "---:"
-            for _, key in COLUMNS
+            for _, key in columns
         )
         + "|",  # fmt: skip
     ]
     for r in records:
-        lines.append("| " + " | ".join(_cell(r, key, peers) for _, key in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(r, key, peers) for _, key in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -367,18 +428,22 @@ def _cell(r: dict, key: str, peers: dict) -> str:
     if key in ("arch", "framework", "backend", "precision", "batch_size"):
         return str(r[key])
     if key == "xla":
+        if r["framework"] not in ("keras", "timm"):  # an exported copy has no such setting
+            return ""
         return "on" if r["xla"] else "off"
     if key == "devices":
         return str(r.get("devices", 1))
     if r["status"] != "ok":
         return f"{r['status']}: {r['error'][:60]}" if key == "train_images_per_s" else ""
+    if key in TRAINING and not _trained(r):
+        return ""
     if key == "step":
         return f"{r['step_ms_median']:.1f} ({r['step_ms_p25']:.1f}–{r['step_ms_p75']:.1f})"
     if key == "vs_timm":
         peer = peers.get((r["arch"], r["precision"], r["xla"])) or peers.get(
             (r["arch"], r["precision"], None)
         )
-        if r["framework"] == "timm" or not peer or r.get("devices", 1) > 1:
+        if r["framework"] != "keras" or not peer or r.get("devices", 1) > 1:
             return ""
         if abs(peer["mmacs_per_image"] / r["mmacs_per_image"] - 1) > 0.05:
             return "other network (MACs differ)"
@@ -388,7 +453,14 @@ def _cell(r: dict, key: str, peers: dict) -> str:
         return "–"
     if key in ("mfu", "scaling_efficiency"):
         return f"{value:.1%}" if key == "mfu" else f"{value:.0%}"
+    if key == "file_bytes":
+        return f"{value / 1e6:.2f}"
     return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def _trained(r: dict) -> bool:
+    """Whether the row has training figures (an exported copy's has none)."""
+    return "train_images_per_s" in r
 
 
 def compare_with_baseline(records: list[dict], baseline: Path) -> list[str]:
@@ -403,9 +475,11 @@ def compare_with_baseline(records: list[dict], baseline: Path) -> list[str]:
         before = by_key.get(_key(r))
         if r["status"] != "ok" or not before:
             continue
+        train = ""
+        if _trained(r) and _trained(before):
+            train = f"train {r['train_images_per_s'] / before['train_images_per_s']:.2f}×, "
         lines.append(
-            f"{Case(**_case_fields(r)).label()}: train "
-            f"{r['train_images_per_s'] / before['train_images_per_s']:.2f}×, infer "
+            f"{Case(**_case_fields(r)).label()}: {train}infer "
             f"{r['infer_images_per_s'] / before['infer_images_per_s']:.2f}× of {baseline.name}"
         )
     return lines

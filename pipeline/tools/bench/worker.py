@@ -1,7 +1,8 @@
 """One benchmark case, in a process of its own: `python -m pipeline.tools.bench.worker CASE_JSON`.
 
 Prints one JSON object of figures on its last stdout line (see `pipeline.tools.bench.harness`).
-Keras cases run on the backend KERAS_BACKEND names; timm cases on PyTorch.
+Keras cases run on the backend KERAS_BACKEND names; timm cases on PyTorch; exported cases
+convert the Keras model on that backend and run the copy with ONNX Runtime or LiteRT.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 import time
 
 import numpy as np
+
+CALIBRATION = 64  # images an int8 copy's activation ranges are calibrated on
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str]) -> int:
     case = Case(**json.loads(argv[0]))
     try:
         images, labels, num_classes = data(case)
-        measure = keras_case if case.framework == "keras" else timm_case
+        measure = {"keras": keras_case, "timm": timm_case}.get(case.framework, exported_case)
         figures = measure(case, images, labels, num_classes)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -37,8 +40,10 @@ def main(argv: list[str]) -> int:
 
 
 def data(case) -> tuple[np.ndarray, np.ndarray, int]:
-    """uint8 images and int labels, enough for a few distinct batches."""
-    count = case.batch_size * 4
+    """uint8 images and int labels, enough for a few distinct batches (and the largest
+    latency batch, and the calibration of an int8 copy)."""
+    calibration = CALIBRATION if case.exported and case.precision == "int8" else 0
+    count = max(case.batch_size * 4, *case.infer_batches, calibration)
     if case.data == "prepared":
         from pathlib import Path
 
@@ -71,6 +76,29 @@ def timed(fn, count: int) -> list[float]:
         fn(i)
         times.append(time.perf_counter() - start)
     return times
+
+
+def inference(predict, batch, case) -> dict:
+    """`step_figures` of `predict(batch)` (which returns on the host), over `case.steps`
+    calls after `case.warmup` (at least one) untimed ones."""
+    timed(lambda i: predict(batch), max(case.warmup, 1))
+    return step_figures(timed(lambda i: predict(batch), case.steps), len(batch))
+
+
+def latency(predict, make_batch, case) -> dict:
+    """Median ms and images/s of inference at each of `case.infer_batches`, `make_batch(n)`
+    giving the input of n images."""
+    out = {}
+    for n in case.infer_batches:
+        measured = inference(predict, make_batch(n), case)
+        out[f"infer_b{n}_ms"] = measured["ms_median"]
+        out[f"infer_b{n}_images_per_s"] = measured["images_per_s"]
+    return out
+
+
+def pixels(images: np.ndarray, n: int) -> np.ndarray:
+    """`n` images as float32 pixels 0..255 (repeated when there are fewer)."""
+    return np.resize(images, (n, *images.shape[1:])).astype(np.float32)
 
 
 def input_pipeline(case, images, labels, num_classes) -> float:
@@ -121,7 +149,11 @@ def keras_case(case, images, labels, num_classes) -> dict:
 
     timed(infer, max(case.warmup, 1))
     infer_times = timed(infer, case.steps)
+    at_batches = latency(
+        lambda x: np.asarray(model.predict_on_batch(x)), lambda n: pixels(images, n), case
+    )
     return figures(case, first, train_times, infer_times, macs, keras_device_peak_mb()) | {
+        **at_batches,
         "input_images_per_s": input_pipeline(case, images, labels, num_classes),
         "policy": keras.mixed_precision.global_policy().name,
         "device_platform": placement.device_kinds()[0].rsplit(":", 1)[-1].lower(),
@@ -254,11 +286,61 @@ def timm_case(case, images, labels, num_classes) -> dict:
 
     timed(infer, max(case.warmup, 1))
     infer_times = timed(infer, case.steps)
+
+    def on_torch(n):
+        batch = torch.from_numpy(pixels(images, n)).permute(0, 3, 1, 2).div(255)
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    def predict(batch):
+        with torch.inference_mode(), autocast():
+            run(batch).float().numpy()
+
     return figures(case, first, train_times, infer_times, macs, None) | {
+        **latency(predict, on_torch, case),
         "input_images_per_s": None,
         "policy": case.precision,
         "timm_model": TIMM_NAMES[case.arch],
     }
+
+
+def exported_case(case, images, labels, num_classes) -> dict:
+    """The Keras case's model (float32) converted by `pipeline.export` to ONNX or LiteRT,
+    int8 calibrated on CALIBRATION of the images, and run by its runtime with a thread
+    per core: inference only, at the case's batch and its `infer_batches`, and the file's
+    size. No training figures: the copy only answers."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.export import convert, quantize, runtimes
+    from pipeline.models.architectures import build_model
+    from pipeline.models.model_card import model_card
+
+    fmt = "onnx" if case.framework == "onnxruntime" else "litert"
+    mode = "int8" if case.precision == "int8" else "none"
+    model = build_model(case.arch, images.shape[1:], num_classes, small_input=case.small_input)
+    macs = model_card(model)["macs"]
+    source = convert.with_logits(model)
+    calibration = pixels(images, CALIBRATION) if mode == "int8" else None
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        path = Path(tmp, "model" + convert.SUFFIXES[fmt])
+        if fmt == "litert":
+            options = quantize.litert_options(mode, calibration)
+            convert.export(source, fmt, path, litert_options=options)
+        else:
+            convert.export(source, fmt, path)
+            if mode == "int8":
+                path = quantize.onnx(path, Path(tmp, "model.int8.onnx"), mode, calibration)
+        run = runtimes.runner(fmt, path)
+        measured = inference(run, pixels(images, case.batch_size), case)
+        return {
+            "infer_images_per_s": measured["images_per_s"],
+            "infer_ms_median": measured["ms_median"],
+            **latency(run, lambda n: pixels(images, n), case),
+            "file_bytes": convert.size_bytes(path),
+            "mmacs_per_image": macs / 1e6,
+            "infer_gflops_per_s": 2 * macs * measured["images_per_s"] / 1e9,
+            "peak_device_mb": None,
+        }
 
 
 def timm_model(name: str, num_classes: int, small_input: bool, side: int):
