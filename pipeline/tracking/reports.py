@@ -37,12 +37,11 @@ def log_bench(records: list[dict], files: list[Path], command: str) -> str:
                 continue
             prefix = re.sub(r"[^\w.-]", "_", f"{r['arch']}.{r['framework']}.{r['backend']}.")
             prefix += f"{r['precision']}.{'xla' if r['xla'] else 'noxla'}"
+            # exported-model rows (`--exported`) measure inference only
+            figures = ("train_images_per_s", "infer_images_per_s", "peak_host_mb",
+                       "infer_b1_images_per_s", "infer_b32_images_per_s")  # fmt: skip
             mlflow.log_metrics(
-                {
-                    f"{prefix}.train_images_per_s": r["train_images_per_s"],
-                    f"{prefix}.infer_images_per_s": r["infer_images_per_s"],
-                    f"{prefix}.peak_host_mb": r["peak_host_mb"],
-                }
+                {f"{prefix}.{k}": r[k] for k in figures if isinstance(r.get(k), int | float)}
             )
         for path in files:
             mlflow.log_artifact(str(path))

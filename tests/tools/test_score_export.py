@@ -76,9 +76,7 @@ def keras_test_report(project: Path) -> dict:
     return classification_report(probs, labels, card["classes"])[0]
 
 
-def test_score_of_the_test_images_reproduces_evaluate_and_logs_an_evaluation_run(
-    project, capsys
-):
+def test_score_of_the_test_images_reproduces_evaluate_and_logs_an_evaluation_run(project, capsys):
     from pipeline.tracking.store import mlflow_client
 
     code, out, err = cli(
