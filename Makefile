@@ -55,7 +55,7 @@ lint: $(VENV)/.installed-test
 	ruff format --check pipeline tests
 
 # The whole suite on TensorFlow, then the zoo, operator, augmentation, optimizer, loss,
-# segmentation model and explain tests again on JAX (the GPU machines have JAX and no TensorFlow).
+# segmentation model, explain and ONNX export tests again on JAX (the GPU machines have JAX and no TensorFlow).
 # Two workers. On TensorFlow each takes a whole file at a time: the end-to-end tests of
 # test_e2e.py share one project and run in order, as a user's session would.
 # The browser test drives Debian's chromium; the team-server test starts Debian's PostgreSQL.
@@ -85,4 +85,4 @@ JAX_FLAGS := KERAS_BACKEND=jax XLA_FLAGS=--xla_backend_optimization_level=0
 
 test: lint services
 	python -m pytest -n 2 --dist loadfile
-	$(JAX_FLAGS) python -m pytest -n 2 --dist load -k "$(JAX_SKIP)" tests/models/test_zoo.py tests/models/test_layers.py tests/models/test_segmentation_models.py tests/training/test_augment.py tests/training/test_optimizers.py tests/training/test_losses.py tests/explain
+	$(JAX_FLAGS) python -m pytest -n 2 --dist load -k "$(JAX_SKIP)" tests/models/test_zoo.py tests/models/test_layers.py tests/models/test_segmentation_models.py tests/training/test_augment.py tests/training/test_optimizers.py tests/training/test_losses.py tests/explain tests/export
