@@ -81,3 +81,14 @@ def litert_options(mode: str, calibration: np.ndarray | None) -> dict:
         options["representative_dataset"] = representative
         options["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}
     return options
+
+
+def quantized_copy(model, fmt: str, mode: str, float_path: Path, calibration) -> Path:
+    """The `mode` copy of `model` (float32, `convert.with_logits`) beside its float32
+    export `float_path`: ONNX quantizes that file, LiteRT converts again with options."""
+    from pipeline.export import convert
+
+    if fmt == "onnx":
+        return onnx(float_path, float_path.with_name(f"model.{mode}.onnx"), mode, calibration)
+    target = float_path.with_name(f"model.{mode}.tflite")
+    return convert.export(model, fmt, target, litert_options=litert_options(mode, calibration))

@@ -41,6 +41,7 @@ def run(
     from pipeline.atomic import atomic_dir, write_json
     from pipeline.data.loader import load_split
     from pipeline.export import agreement, convert, runtimes
+    from pipeline.export.quantize import quantized_copy
     from pipeline.redact import masked
     from pipeline.tracking import evaluations, logged_models, runs
 
@@ -62,7 +63,7 @@ def run(
         float_path = convert.export(source, fmt, tmp / name)
         copies["float32"] = float_path
         if quantize != "none":
-            copies[quantize] = quantized(source, fmt, quantize, float_path, tmp, calibration_images)
+            copies[quantize] = quantized_copy(source, fmt, quantize, float_path, calibration_images)
         write_json(tmp / "data_card.json", masked(card))
         figures = {}
         for precision, path in copies.items():
@@ -151,15 +152,6 @@ def calibration_set(prepared_dir: Path, count: int) -> np.ndarray:
     images, _ = load_split(prepared_dir, "train")
     chosen = np.sort(np.random.default_rng(0).permutation(len(images))[:count])
     return np.asarray(images[chosen])
-
-
-def quantized(source, fmt, mode, float_path: Path, folder: Path, calibration) -> Path:
-    from pipeline.export import convert, quantize
-
-    if fmt == "onnx":
-        return quantize.onnx(float_path, folder / f"model.{mode}.onnx", mode, calibration)
-    options = quantize.litert_options(mode, calibration)
-    return convert.export(source, fmt, folder / f"model.{mode}.tflite", litert_options=options)
 
 
 def summary_line(result: dict) -> str:

@@ -322,14 +322,9 @@ def exported_case(case, images, labels, num_classes) -> dict:
     source = convert.with_logits(model)
     calibration = pixels(images, CALIBRATION) if mode == "int8" else None
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
-        path = Path(tmp, "model" + convert.SUFFIXES[fmt])
-        if fmt == "litert":
-            options = quantize.litert_options(mode, calibration)
-            convert.export(source, fmt, path, litert_options=options)
-        else:
-            convert.export(source, fmt, path)
-            if mode == "int8":
-                path = quantize.onnx(path, Path(tmp, "model.int8.onnx"), mode, calibration)
+        path = convert.export(source, fmt, Path(tmp, "model" + convert.SUFFIXES[fmt]))
+        if mode == "int8":
+            path = quantize.quantized_copy(source, fmt, mode, path, calibration)
         run = runtimes.runner(fmt, path)
         measured = inference(run, pixels(images, case.batch_size), case)
         return {
