@@ -5,7 +5,8 @@ An evaluation run sits in the experiment of the run that trained the model. Its
 metrics are linked to the logged model (MLflow 3's `model_id`) and to the scored
 dataset, so the model's page lists them by dataset; the data is its input (context
 `scored`). A registered version also gets tags naming the dataset and its score:
-`score.<digest12>.<metric>`, `score.<digest12>.source` and `score.<digest12>.run_id`.
+`score.<digest12>.<metric>`, `score.<digest12>.source` and `score.<digest12>.run_id`
+(`score.<digest12>.tta_flip.<metric>`, ... for a score with test-time augmentation).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def log_scoring(
             for path in files:
                 mlflow.log_artifact(str(path), artifact_path=_folder(path))
         if ref.name and ref.version and metric in report:
-            prefix = f"score.{data.digest[:12]}"
+            tta = settings.get("score.tta", "none")  # a TTA score beside the plain one
+            prefix = f"score.{data.digest[:12]}" + (f".tta_{tta}" if tta != "none" else "")
             for key, value in (
                 (f"{prefix}.{metric}", f"{report[metric]:.6g}"),
                 (f"{prefix}.source", data.source),
