@@ -212,7 +212,8 @@ def test_a_subset_of_the_classes_is_scored_when_allowed(project, tmp_path, capsy
 
 
 def exported(project: Path, out: str, *args: str, capsys) -> dict:
-    code, _, err = cli(project, "export", "--model", MODEL, "--out", out, *args, capsys=capsys)
+    model = () if "--model" in args else ("--model", MODEL)
+    code, _, err = cli(project, "export", *model, "--out", out, *args, capsys=capsys)
     assert code == 0, err
     return json.loads((project / out / "export.json").read_text())
 
@@ -295,3 +296,79 @@ def test_litert_is_refused_on_jax_in_one_line():
 
     with pytest.raises(ConfigError, match="--format litert needs Keras's TensorFlow backend"):
         check_options("litert", "none", 256, "jax")
+
+
+@pytest.fixture(scope="module")
+def segmenter(project):
+    """A 1x1-conv segmentation model (3 classes, 8x8 grey) registered as `seg` @champion."""
+    from pipeline.tracking import logged_models, model_registry, runs
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(3, 1, kernel_initializer="he_normal")(x)
+    model = keras.Model(inputs, keras.layers.Activation("softmax", name="probs")(x))
+    card = {
+        "task": "segmentation",
+        "classes": ["sky", "road", "car"],
+        "num_classes": 3,
+        "ignore_index": 255,
+        "image_shape": [8, 8, 1],
+        "source": {"ignore_index": 255},
+    }
+    with in_project(project):
+        with runs.training_run("score", run_name="seg", params={}, tags={}) as run_id:
+            uri = logged_models.log_model(model, card=card)
+            runs.log_metrics({"test_miou": 0.5})
+        model_registry.register(
+            {"run_id": run_id, "model_uri": uri}, "seg", metrics={"test_miou": 0.5}
+        )
+        model_registry.promote(
+            "seg", version="1", metric="test_miou", higher_is_better=True, force=True
+        )
+    return "models:/seg@champion"
+
+
+def test_a_segmentation_model_is_scored_with_miou_and_refuses_translated_views(
+    project, segmenter, tmp_path, capsys
+):
+    data = make_tar(tmp_path / "scenes.tar.gz", mask_files(splits=("train/", "test/")))
+    code, _, err = cli(
+        project, "score", "--model", segmenter, "--data", str(data), "--out", "seg1",
+        "--tta", "flip", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    score = json.loads((project / "seg1/score.json").read_text())
+    assert 0 <= score["test_miou"] <= 1 and "test_mean_dice" in score
+    assert (project / "seg1/tables/per_class_iou.csv").read_text().startswith("class,iou,dice")
+    code, _, err = cli(
+        project, "score", "--model", segmenter, "--data", str(data), "--out", "seg2",
+        "--tta", "flip_translate", capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and "flip_translate is for classifiers" in err
+    code, _, err = cli(
+        project, "score", "--model", MODEL, "--data", str(data), "--out", "seg2", capsys=capsys
+    )
+    assert code == 2 and "is segmentation data" in err
+
+
+def test_a_segmentation_model_exports_with_per_pixel_agreement(project, segmenter, capsys):
+    prepared = project / "seg_data"
+    prepared.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 4)):
+        np.save(prepared / f"{split}_images.npy", rng.integers(0, 256, (count, 8, 8, 1), np.uint8))
+        np.save(prepared / f"{split}_labels.npy", rng.integers(0, 3, (count, 8, 8), np.uint8))
+    card = {
+        "task": "segmentation", "classes": ["sky", "road", "car"], "num_classes": 3,
+        "image_shape": [8, 8, 1], "counts": {}, "totals": {"train": 6, "test": 4},
+        "source": {}, "data_hash": "x",
+    }  # fmt: skip
+    (prepared / "data_card.json").write_text(json.dumps(card))
+    result = exported(
+        project, "seg_onnx", "--model", segmenter, "--prepared", "seg_data",
+        "--quantize", "int8", "--calibration", "6", "--no-log", capsys=capsys,
+    )  # fmt: skip
+    full = result["copies"]["float32"]
+    assert full["max_abs_probability_diff"] <= 1e-5
+    assert full["top1_disagreements"] == 0 and full["top1_agreement"] == 1.0
+    assert result["copies"]["int8"]["top1_agreement"] > 0.8  # per pixel
