@@ -92,7 +92,7 @@ def load_logged_model(model_uri: str, *, key: str, then: str = "") -> tuple[Any,
 
     mlflow = connect()
     with tempfile.TemporaryDirectory(prefix="logged-model-") as tmp:
-        with reaching_the_store(then), _naming_the_uri(model_uri, key):
+        with reaching_the_store(then), _naming_the_uri(model_uri, key), _no_progress_bar():
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         problem = _files_problem(local)
         if problem:
@@ -105,6 +105,21 @@ def load_logged_model(model_uri: str, *, key: str, then: str = "") -> tuple[Any,
     if not isinstance(loaded, ImageModel):
         raise ConfigError(f"{key} {model_uri!r}: not a model logged by this pipeline")
     return loaded.keras_model, loaded.card
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow's download bar off (unless MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set): the
+    tools' stderr is their one-line error, and a model's few files copy in seconds."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def model_and_card(model_uri: str | None, model_dir: Path, prepared_dir: Path, *, key: str):
