@@ -159,10 +159,14 @@ class ModelConfig:
     conv: Literal["standard", "separable", "group", "dilated", "spatial_separable"] = "standard"
     groups: int = _num(4, ge=1, le=512)
     norm: Literal["batch", "group", "layer", "none"] = "batch"
-    activation: Literal["relu", "leaky_relu", "elu", "gelu"] = "relu"
+    activation: Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh"] = "relu"
     padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
-    downsample: Literal["max", "avg", "strided"] = "max"
+    downsample: Literal["max", "avg", "strided", "max_avg"] = "max"
     head: Literal["default", "gap", "flatten", "max_avg"] = "default"
+    # the kernel of every 3x3 convolution (odd: the map keeps its size)
+    kernel_size: int = _num(3, ge=3, le=15)
+    # the dilation of conv: dilated (stride-1 convolutions)
+    dilation_rate: int = _num(2, ge=2, le=16)
     # stochastic depth rate of the deepest residual block, rising linearly from 0
     # (resnet*, resnext*, vit*; keras.applications constructors do not expose it)
     drop_path: float = _num(0.0, ge=0, lt=1)
@@ -184,6 +188,10 @@ class ModelConfig:
     class_token: bool = False
 
     def __post_init__(self) -> None:
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(
+                f"model.kernel_size must be odd (the map keeps its size), got {self.kernel_size}"
+            )
         if not self.aspp_rates:
             raise ConfigError("model.aspp_rates must list at least one rate, got []")
         value = self.pretrained

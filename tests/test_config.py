@@ -439,6 +439,16 @@ CLI_CASES = {
         SHIPPED_TEXT.replace("  epochs: 30\n", "  epochs: 30\n  epochs: 3\n"),
         f"line {EPOCHS + 1}: duplicate key train.epochs",
     ),
+    # issue 23: the seeds' ablation settings
+    "kernel-size-even": (with_value("model", "kernel_size", 4), "model.kernel_size must be odd"),
+    "dilation-rate-undilated": (
+        params_with({"model.dilation_rate": 3}),
+        "model.dilation_rate applies to model.conv: dilated only",
+    ),
+    "kernel-size-lenet": (
+        params_with({"model.arch": "lenet5", "model.kernel_size": 5}),
+        "model.kernel_size does not apply to lenet5",
+    ),
     "timeout-inf": (
         params_with({"fetch.source": "archive", "fetch.url": "a.tgz", "fetch.timeout_s": 1e400}),
         "fetch.timeout_s must be a finite number, got inf",

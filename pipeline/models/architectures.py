@@ -103,6 +103,11 @@ def unused_choice(spec: ModelSpec, choices: LayerChoices, small_input: bool) -> 
             f"model.groups applies to model.conv: group only (conv is {choices.conv}): "
             f"leave it at {DEFAULT_CHOICES.groups}"
         )
+    if "dilation_rate" in changed and choices.conv != "dilated":
+        return (
+            f"model.dilation_rate applies to model.conv: dilated only (conv is {choices.conv}): "
+            f"leave it at {DEFAULT_CHOICES.dilation_rate}"
+        )
     if choices.head == spec.default_head:
         return f"model.head {choices.head} is {name}'s own head: leave it at default"
     if spec.conv_reach == "stem" and choices.conv == "group":

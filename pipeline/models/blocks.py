@@ -19,8 +19,10 @@ from pipeline.errors import ConfigError
 
 CONV_TYPES = ("standard", "separable", "group", "dilated", "spatial_separable")
 NORMS = ("batch", "group", "layer", "none")
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu")
-DOWNSAMPLES = ("max", "avg", "strided")
+# sigmoid and tanh: the saturating activations the seeds explain were abandoned
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh")
+# max_avg: the seeds' ConcatPool2d, max and average pools concatenated (channels doubled)
+DOWNSAMPLES = ("max", "avg", "strided", "max_avg")
 HEADS = ("default", "gap", "flatten", "max_avg")
 
 # PyTorch's default (its momentum=0.1): moving statistics settle within a few hundred
@@ -52,6 +54,8 @@ class LayerChoices:
     padding: str = "zeros"  # zeros | reflect | replicate | circular
     downsample: str = "max"
     head: str = "default"
+    kernel_size: int = 3  # the kernel of every 3x3 convolution (`kernel`)
+    dilation_rate: int = 2  # for conv="dilated"
 
     def is_default(self) -> bool:
         return self == LayerChoices()
@@ -119,6 +123,17 @@ def reads_image(x) -> bool:
     return history is not None and history.operation.name == IMAGE_LAYER
 
 
+def kernel(kernel_size: int, choices: LayerChoices) -> int:
+    """The kernel a conv gets: model.kernel_size replaces every 3x3 (the families' own
+    larger kernels, AlexNet's 11 and 5, LeNet's 5, and every 1x1 stay)."""
+    return choices.kernel_size if kernel_size == 3 else kernel_size
+
+
+def dilation(kind: str, strides: int, choices: LayerChoices) -> int:
+    """The dilation a conv of `kind` gets: model.dilation_rate for "dilated" at stride 1."""
+    return choices.dilation_rate if kind == "dilated" and strides == 1 else 1
+
+
 def conv_kind(x, kernel_size: int, choices: LayerChoices, groups: int | None = None) -> str:
     """The conv type a layer gets: `groups` (ResNeXt) forces a group conv; 1x1 convs, and
     group convs on the image itself (its 1 or 3 colour channels), stay standard."""
@@ -158,20 +173,22 @@ def conv(
 
     1x1 convolutions are always standard (the types differ only in the spatial part), and
     so is a group conv on the image (`conv_kind`). `groups` forces a group convolution
-    (ResNeXt) whatever the choice. "dilated" dilates stride-1 convs only (rate 2).
-    Strided convolutions pad (k - 1) / 2 on every side as PyTorch does (Keras's 'same'
-    pads an even side 0 before and 1 after), so imported torchvision weights see the
-    same pixels under each kernel.
+    (ResNeXt) whatever the choice. "dilated" dilates stride-1 convs only
+    (model.dilation_rate). A 3x3 kernel is model.kernel_size (`kernel`). Strided
+    convolutions pad (k - 1) / 2 on every side as PyTorch does (Keras's 'same' pads an
+    even side 0 before and 1 after), so imported torchvision weights see the same
+    pixels under each kernel.
     """
     from keras import layers
 
     common = {"use_bias": use_bias, "name": f"{name}_conv"}
+    kernel_size = kernel(kernel_size, choices)
     kind = conv_kind(x, kernel_size, choices, groups)
-    dilation = 2 if kind == "dilated" and strides == 1 else 1
+    rate = dilation(kind, strides, choices)
     if kernel_size == 1 or (choices.padding == "zeros" and strides == 1):
         padding = "same"
     else:
-        x = pad(x, dilation * (kernel_size - 1) // 2, choices, name)
+        x = pad(x, rate * (kernel_size - 1) // 2, choices, name)
         padding = "valid"
     if kind == "separable":
         return layers.SeparableConv2D(
@@ -196,7 +213,7 @@ def conv(
         strides=strides,
         padding=padding,
         groups=groups,
-        dilation_rate=dilation,
+        dilation_rate=rate,
         kernel_initializer="he_normal",
         **common,
     )(x)
@@ -256,15 +273,28 @@ def conv_norm_act(
 
 
 def downsample(x, choices: LayerChoices, name: str, *, pool_size: int = 2, strides: int = 2):
-    """Halve H and W by max pool, average pool, or a strided 3x3 conv (keeps channels)."""
-    from keras import layers
-
+    """Halve H and W by max pool, average pool, a strided 3x3 conv (these keep the
+    channels), or max and average pools concatenated (channels doubled)."""
     if choices.downsample == "strided":
         return conv_norm_act(x, x.shape[-1], 3, strides=strides, name=name, choices=choices)
-    pool = layers.MaxPooling2D if choices.downsample == "max" else layers.AveragePooling2D
-    return pool(
-        pool_size, strides=strides, padding="same", name=f"{name}_{choices.downsample}pool"
-    )(x)
+    return pool(x, choices, name, pool_size=pool_size, strides=strides, padding="same")
+
+
+def pool(x, choices: LayerChoices, name: str, *, pool_size: int, strides: int, padding: str):
+    """The pooling downsample choices: "max", "avg", or "max_avg", the seeds' ConcatPool2d
+    (torch.cat([max_pool(x), avg_pool(x)], dim=1): max channels first, then average)."""
+    from keras import layers
+
+    kinds = {"max": ["max"], "avg": ["avg"], "max_avg": ["max", "avg"]}[choices.downsample]
+    pools = [
+        {"max": layers.MaxPooling2D, "avg": layers.AveragePooling2D}[kind](
+            pool_size, strides=strides, padding=padding, name=f"{name}_{kind}pool"
+        )(x)
+        for kind in kinds
+    ]
+    if len(pools) == 1:
+        return pools[0]
+    return layers.Concatenate(name=f"{name}_max_avg")(pools)
 
 
 def centred_max_pool(x, pool_size: int, *, strides: int, name: str):

@@ -52,11 +52,14 @@ from pipeline.models.blocks import (
     classifier_head,
     conv_kind,
     conv_norm_act,
+    dilation,
     downsample,
     group_count,
     image_input,
+    kernel,
     norm,
     pad,
+    pool,
     probabilities,
     scaled_width,
 )
@@ -96,14 +99,18 @@ def explicit_conv(
     """PyTorch-style convolution: pad `padding` pixels (choices' mode), then a valid conv.
 
     Output side floor((side + 2 * padding - kernel_size) / strides) + 1 for every conv
-    type; "dilated" (dilation 2, stride 1 only, as in `blocks.conv`) pads the extra
-    pixels so that it keeps the undilated output size.
+    type; "dilated" (model.dilation_rate, stride 1 only, as in `blocks.conv`) pads the
+    extra pixels so that it keeps the undilated output size, and so does a 3x3 conv that
+    model.kernel_size widens.
     """
     from keras import layers
 
+    if kernel(kernel_size, choices) != kernel_size:  # model.kernel_size: pad for the same size
+        padding += (choices.kernel_size - kernel_size) // 2
+        kernel_size = choices.kernel_size
     kind = conv_kind(x, kernel_size, choices)
-    dilation = 2 if kind == "dilated" and strides == 1 else 1
-    x = pad(x, padding + (dilation - 1) * (kernel_size - 1) // 2, choices, name)
+    rate = dilation(kind, strides, choices)
+    x = pad(x, padding + (rate - 1) * (kernel_size - 1) // 2, choices, name)
     common = {"padding": "valid", "use_bias": use_bias, "name": f"{name}_conv"}
     if kind == "separable":
         return layers.SeparableConv2D(filters, kernel_size, strides=strides, **common)(x)
@@ -123,7 +130,7 @@ def explicit_conv(
         kernel_size,
         strides=strides,
         groups=groups,
-        dilation_rate=dilation,
+        dilation_rate=rate,
         kernel_initializer="he_normal",
         **common,
     )(x)
@@ -149,17 +156,14 @@ def explicit_conv_norm_act(
 def overlapping_downsample(x, choices: LayerChoices, name: str):
     """AlexNet's 3x3/2 pooling without padding (side -> floor((side - 3) / 2) + 1).
 
-    The downsample choice picks max pool, average pool or a strided 3x3 conv
-    (same output size, channels kept).
+    The downsample choice picks max pool, average pool, both concatenated (channels
+    doubled) or a strided 3x3 conv (same output size, channels kept).
     """
-    from keras import layers
-
     if choices.downsample == "strided":
         return explicit_conv_norm_act(
             x, x.shape[-1], 3, strides=2, padding=0, name=name, choices=choices
         )
-    pool = layers.MaxPooling2D if choices.downsample == "max" else layers.AveragePooling2D
-    return pool(3, strides=2, padding="valid", name=f"{name}_{choices.downsample}pool")(x)
+    return pool(x, choices, name, pool_size=3, strides=2, padding="valid")
 
 
 def classic_head(
@@ -199,7 +203,13 @@ def classic_head(
 
 
 @register_model(
-    "lenet5", family="lenet", min_size=9, imagenet_size=32, default_head="classic", valid_convs=True
+    "lenet5",
+    family="lenet",
+    min_size=9,
+    imagenet_size=32,
+    default_head="classic",
+    valid_convs=True,
+    fixed_choices=(("kernel_size", "its convolutions are the paper's 5x5"),),
 )
 def lenet5(
     input_shape,

@@ -28,6 +28,8 @@ def layer_choices(cfg: ModelConfig):
         padding=cfg.padding,
         downsample=cfg.downsample,
         head=cfg.head,
+        kernel_size=cfg.kernel_size,
+        dilation_rate=cfg.dilation_rate,
     )
 
 

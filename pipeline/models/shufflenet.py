@@ -32,6 +32,7 @@ from pipeline.models.blocks import (
     classifier_head,
     conv_norm_act,
     image_input,
+    kernel,
     norm,
     pad,
     resolve_head,
@@ -92,18 +93,20 @@ def channel_shuffle(x, name: str):
 
 
 def depthwise_norm(x, *, strides: int, name: str, choices: LayerChoices):
-    """3x3 depthwise conv (padding mode of the choices) and norm, no activation.
+    """3x3 depthwise conv (model.kernel_size; padding mode of the choices) and norm, no
+    activation.
 
-    Strided, it pads 1 on every side as PyTorch does (`blocks.conv`).
+    Strided, it pads (k - 1) / 2 on every side as PyTorch does (`blocks.conv`).
     """
     from keras import layers
 
+    size = kernel(3, choices)
     padding = "same"
     if choices.padding != "zeros" or strides > 1:
-        x = pad(x, 1, choices, name)
+        x = pad(x, (size - 1) // 2, choices, name)
         padding = "valid"
     x = layers.DepthwiseConv2D(
-        3,
+        size,
         strides=strides,
         padding=padding,
         use_bias=choices.norm == "none",

@@ -220,7 +220,7 @@ def check_importable(arch: str, *, choices=None, width_multiplier=1.0, small_inp
         raise ConfigError(
             f"model.norm {choices.norm}: {why}; its weights need model.norm {' or '.join(norms)}"
         )
-    for key in ("conv", "activation", "padding", "downsample", "head"):
+    for key in ("conv", "activation", "padding", "downsample", "head", "kernel_size"):
         value, default = getattr(choices, key), getattr(DEFAULT_CHOICES, key)
         if value != default:
             raise ConfigError(

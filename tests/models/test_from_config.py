@@ -44,10 +44,21 @@ CHANGES = [
     ("conv=group,groups=2", {"conv": "group", "groups": 2}, {"conv": "group"}),
     ("conv=group,groups=8", {"conv": "group", "groups": 8}, {"conv": "group"}),
     *((f"norm={n}", {"norm": n}, None) for n in ("group", "layer", "none")),
-    *((f"activation={a}", {"activation": a}, None) for a in ("leaky_relu", "elu", "gelu")),
+    *(
+        (f"activation={a}", {"activation": a}, None)
+        for a in ("leaky_relu", "elu", "gelu", "sigmoid", "tanh")
+    ),
     *((f"padding={p}", {"padding": p}, None) for p in ("reflect", "replicate", "circular")),
     ("padding=reflect,small_input=false", {"padding": "reflect", "small_input": False}, None),
-    *((f"downsample={d}", {"downsample": d}, None) for d in ("avg", "strided")),
+    *((f"downsample={d}", {"downsample": d}, None) for d in ("avg", "strided", "max_avg")),
+    ("kernel_size=5", {"kernel_size": 5}, None),
+    (
+        "kernel_size=7,conv=separable",
+        {"kernel_size": 7, "conv": "separable"},
+        {"conv": "separable"},
+    ),
+    ("dilation_rate=3", {"dilation_rate": 3}, None),
+    ("conv=dilated,dilation_rate=3", {"conv": "dilated", "dilation_rate": 3}, {"conv": "dilated"}),
     *((f"head={h}", {"head": h}, None) for h in ("gap", "flatten", "max_avg")),
     ("drop_path=0.1", {"drop_path": 0.1}, None),
     ("encoder=simple_cnn", {"encoder": "simple_cnn"}, None),

@@ -1,4 +1,6 @@
-"""Operator choices: padding modes against np.pad, conv types against their parameter formulas.
+"""Operator choices: padding modes against np.pad, conv types against their parameter formulas,
+activations and ConcatPool2d against numpy, model.kernel_size and model.dilation_rate against
+the seeds' parameter and receptive-field formulas.
 
 Runs on whichever Keras backend is active (CI runs it on TensorFlow and on JAX).
 """
@@ -160,7 +162,7 @@ def test_no_norm_gives_the_conv_a_bias():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
-@pytest.mark.parametrize("kind", ["relu", "leaky_relu", "elu", "gelu"])
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh"])
 def test_activation_choices_compute_their_function(kind):
     inputs = keras.Input((1, 1, 1))
     out = conv_norm_act(inputs, 1, 1, name="c", choices=LayerChoices(norm="none", activation=kind))
@@ -173,6 +175,8 @@ def test_activation_choices_compute_their_function(kind):
         "leaky_relu": np.where(x > 0, x, 0.01 * x),
         "elu": np.where(x > 0, x, np.expm1(x)),
         "gelu": keras.ops.convert_to_numpy(keras.activations.gelu(x)),
+        "sigmoid": 1 / (1 + np.exp(-x)),
+        "tanh": np.tanh(x),
     }[kind].ravel()
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)
 
@@ -230,3 +234,88 @@ def test_model_with_custom_layers_loads_in_a_fresh_process(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [str(model.count_params()), str(padded.count_params())]
+
+
+def test_max_avg_downsample_is_the_seeds_concat_pool():
+    """ConcatPool2d: torch.cat([max_pool(x), avg_pool(x)], dim=1), channels doubled."""
+    inputs = keras.Input((6, 6, 3))
+    model = keras.Model(inputs, downsample(inputs, LayerChoices(downsample="max_avg"), name="d"))
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    got = keras.ops.convert_to_numpy(model(x))
+    windows = x.reshape(2, 3, 2, 3, 2, 3)
+    want = np.concatenate([windows.max(axis=(2, 4)), windows.mean(axis=(2, 4))], axis=-1)
+    assert got.shape == (2, 3, 3, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert model.count_params() == 0
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("kind", ["standard", "separable", "group"])
+def test_kernel_size_replaces_3x3_kernels_and_keeps_the_map(k, kind):
+    """The seeds' formulas at model.kernel_size k: k*k*Cin*Cout (standard), k*k*Cin +
+    Cin*Cout (depthwise separable), k*k*(Cin/g)*Cout (grouped); same map size; a 1x1
+    conv stays 1x1."""
+    choices = LayerChoices(conv=kind, kernel_size=k)
+    inputs = keras.Input((9, 9, 16))
+    out = conv(inputs, 32, 3, name="c", choices=choices)
+    pointwise = conv(inputs, 32, 1, name="p", choices=choices)
+    model = keras.Model(inputs, [out, pointwise])
+    count = sum(int(np.prod(w.shape)) for w in model.get_layer("c_conv").trainable_weights)
+    formula = {
+        "standard": k * k * 16 * 32,
+        "separable": k * k * 16 + 16 * 32,
+        "group": k * k * (16 // 4) * 32,
+    }[kind]
+    assert count == formula
+    assert tuple(out.shape[1:3]) == (9, 9)
+    assert model.get_layer("p_conv").kernel_size == (1, 1)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_kernel_size_with_a_padding_mode_keeps_pytorch_output_sizes(strides):
+    inputs = keras.Input((9, 9, 2))
+    out = conv(
+        inputs,
+        4,
+        3,
+        strides=strides,
+        name="c",
+        choices=LayerChoices(kernel_size=7, padding="reflect"),
+    )
+    assert tuple(out.shape[1:3]) == ((9, 9) if strides == 1 else (5, 5))
+
+
+@pytest.mark.parametrize("rate", [2, 3, 4])
+def test_dilation_rate_sets_the_reach_of_dilated_convs(rate):
+    """A 3x3 conv dilated by r sees 2r + 1 pixels a side (the seeds' k + (k - 1)(r - 1)):
+    the centre output of an impulse response is non-zero exactly that far."""
+    inputs = keras.Input((15, 15, 1))
+    out = conv(inputs, 1, 3, name="c", choices=LayerChoices(conv="dilated", dilation_rate=rate))
+    model = keras.Model(inputs, out)
+    layer = model.get_layer("c_conv")
+    layer.set_weights([np.ones((3, 3, 1, 1), np.float32)])
+    assert layer.dilation_rate == (rate, rate) and tuple(out.shape[1:3]) == (15, 15)
+    image = np.zeros((1, 15, 15, 1), np.float32)
+    image[0, 7, 7] = 1
+    response = keras.ops.convert_to_numpy(model(image))[0, :, :, 0]
+    rows = np.flatnonzero(response.any(axis=1))
+    assert rows.max() - rows.min() + 1 == 2 * rate + 1
+    assert int((response != 0).sum()) == 9
+
+
+def test_new_choices_survive_save_and_load(tmp_path):
+    from pipeline.models.architectures import build_model
+
+    choices = LayerChoices(
+        downsample="max_avg", kernel_size=5, activation="tanh", conv="dilated", dilation_rate=3
+    )
+    model = build_model("simple_cnn", (16, 16, 3), 4, width_multiplier=0.25, choices=choices)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6
+    )
+    assert loaded.get_layer("stage1_1_conv").kernel_size == (5, 5)
+    assert loaded.get_layer("stage1_1_conv").dilation_rate == (3, 3)
+    assert loaded.get_layer("stage2_1_conv").input.shape[-1] == 2 * 8  # max and avg channels

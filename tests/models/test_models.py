@@ -93,6 +93,8 @@ def test_width_multiplier_scales_params(name: str) -> None:
 def test_small_input_keeps_resolution(name: str) -> None:
     if get_spec(name).min_size > 64:
         pytest.skip("needs larger images")
+    if not get_spec(name).small_input:
+        pytest.skip("model.small_input does not change its layout (refused)")
 
     def final_map(small_input: bool) -> tuple[int, int]:
         model = build_model(name, (64, 64, 3), 10, small_input=small_input)
@@ -116,3 +118,23 @@ def test_unknown_architecture_lists_known_ones() -> None:
     assert "resnet9000" in message
     for name in list_models():
         assert name in message
+
+
+def test_seeds_simple_cnn_is_the_seeds_model_less_its_redundant_conv_biases() -> None:
+    """The seeds' SimpleCNN at 32x32x3, 10 classes, by their formula (k*k*Cin + 1)*Cout per
+    conv, 4*C per batch norm (gamma, beta and the two moving statistics), (in + 1)*out per
+    linear layer; their nn.Conv2d keeps a bias that batch norm's shift makes redundant,
+    ours does not (64 + 128 + 256 fewer)."""
+    model = build_model("seeds_simple_cnn", (32, 32, 3), 10, dropout=0.5)
+    convs = (3 * 3 * 3 + 1) * 64 + (3 * 3 * 64 + 1) * 128 + (3 * 3 * 128 + 1) * 256
+    norms = 4 * (64 + 128 + 256)
+    linear = (256 + 1) * 128 + (128 + 1) * 10
+    assert model.count_params() == convs + norms + linear - (64 + 128 + 256)
+    assert model.get_layer("head_pool").input.shape[1:] == (4, 4, 256)  # 32 -> 16 -> 8 -> 4
+    assert model.get_layer("head_dropout").rate == 0.5
+    assert [type(layer).__name__ for layer in model.layers[2:6]] == [
+        "Conv2D",
+        "BatchNormalization",
+        "Activation",
+        "MaxPooling2D",
+    ]
