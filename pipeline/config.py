@@ -158,9 +158,11 @@ class ModelConfig:
     # which is pipeline.models.from_config's to say.
     conv: Literal["standard", "separable", "group", "dilated", "spatial_separable"] = "standard"
     groups: int = _num(4, ge=1, le=512)
-    norm: Literal["batch", "group", "layer", "none"] = "batch"
+    # layer: the seeds' (each sample's features); layer_channels: ConvNeXt's (each pixel's)
+    norm: Literal["batch", "group", "layer", "layer_channels", "none"] = "batch"
     activation: Literal["relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh"] = "relu"
-    padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
+    # valid: no padding, each convolution shrinks the map by k - 1 (plain CNNs only)
+    padding: Literal["zeros", "reflect", "replicate", "circular", "valid"] = "zeros"
     downsample: Literal["max", "avg", "strided", "max_avg"] = "max"
     head: Literal["default", "gap", "flatten", "max_avg"] = "default"
     # the kernel of every 3x3 convolution (odd: the map keeps its size)

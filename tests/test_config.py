@@ -449,6 +449,10 @@ CLI_CASES = {
         params_with({"model.arch": "lenet5", "model.kernel_size": 5}),
         "model.kernel_size does not apply to lenet5",
     ),
+    "padding-valid-resnet": (
+        params_with({"model.arch": "resnet18", "model.padding": "valid"}),
+        "model.padding valid cannot build resnet18",
+    ),
     "timeout-inf": (
         params_with({"fetch.source": "archive", "fetch.url": "a.tgz", "fetch.timeout_s": 1e400}),
         "fetch.timeout_s must be a finite number, got inf",

@@ -121,6 +121,12 @@ def unused_choice(spec: ModelSpec, choices: LayerChoices, small_input: bool) -> 
             "type reaches only its stem, which is strided (dilation needs stride 1): "
             "leave it at standard or set small_input true"
         )
+    if choices.padding == "valid" and not spec.valid_padding:
+        with_it = ", ".join(n for n in sorted(SPECS) if SPECS[n].valid_padding)
+        return (
+            f"model.padding valid cannot build {name}: its residual adds or concatenations "
+            f"need maps of one size (valid padding builds {with_it}): leave it at zeros"
+        )
     if (
         spec.valid_convs
         and not small_input
@@ -168,13 +174,23 @@ def build_model(
     extra = {"drop_path": drop_path} if spec.drop_path else {}
     if spec.class_token:
         extra["class_token"] = class_token
-    return spec.builder(
-        tuple(input_shape),
-        num_classes,
-        dropout=dropout,
-        width_multiplier=width_multiplier,
-        small_input=small_input,
-        choices=choices,
-        input_norm=input_norm,
+    kwargs = {
+        "dropout": dropout,
+        "width_multiplier": width_multiplier,
+        "small_input": small_input,
+        "choices": choices,
+        "input_norm": input_norm,
         **extra,
-    )
+    }
+    if choices.padding != "valid":
+        return spec.builder(tuple(input_shape), num_classes, **kwargs)
+    try:
+        return spec.builder(tuple(input_shape), num_classes, **kwargs)
+    except ValueError as error:  # Keras: a map below a kernel's size
+        if "negative" not in str(error).lower():
+            raise
+        raise ConfigError(
+            f"model.padding valid: {name}'s unpadded convolutions (each takes k - 1 pixels) "
+            f"shrink a {input_shape[0]}x{input_shape[1]} image to nothing: raise "
+            "prepare.image_size or leave model.padding at zeros"
+        ) from None

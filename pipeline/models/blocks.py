@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pipeline.errors import ConfigError
 
 CONV_TYPES = ("standard", "separable", "group", "dilated", "spatial_separable")
-NORMS = ("batch", "group", "layer", "none")
+# layer: the seeds' layer norm, over each sample's features (H, W and C), a scale and shift
+# per feature; layer_channels: ConvNeXt's, over each pixel's channels, per channel
+NORMS = ("batch", "group", "layer", "layer_channels", "none")
 # sigmoid and tanh: the saturating activations the seeds explain were abandoned
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh")
 # max_avg: the seeds' ConcatPool2d, max and average pools concatenated (channels doubled)
@@ -51,7 +53,7 @@ class LayerChoices:
     groups: int = 4  # for conv="group"
     norm: str = "batch"
     activation: str = "relu"
-    padding: str = "zeros"  # zeros | reflect | replicate | circular
+    padding: str = "zeros"  # zeros | reflect | replicate | circular | valid (none)
     downsample: str = "max"
     head: str = "default"
     kernel_size: int = 3  # the kernel of every 3x3 convolution (`kernel`)
@@ -109,10 +111,11 @@ def image_input(input_shape: tuple[int, int, int], norm: str = "unit"):
 
 
 def pad(x, amount: int, choices: LayerChoices, name: str):
-    """Symmetric spatial padding in the chosen mode (a no-op for 0)."""
+    """Symmetric spatial padding in the chosen mode (a no-op for 0, and for "valid": the
+    seeds' unpadded convolutions, each shrinking the map by k - 1)."""
     from pipeline.models.layers import Pad2D
 
-    if amount == 0:
+    if amount == 0 or choices.padding == "valid":
         return x
     return Pad2D(amount, mode=choices.padding, name=f"{name}_pad")(x)
 
@@ -220,7 +223,7 @@ def conv(
 
 
 def norm(x, choices: LayerChoices, name: str, *, epsilon: float = BN_EPSILON):
-    """The chosen normalization over channels (none: identity); `epsilon`: batch norm's."""
+    """The chosen normalization (none: identity); `epsilon`: batch norm's."""
     from keras import layers
 
     if choices.norm == "batch":
@@ -229,8 +232,10 @@ def norm(x, choices: LayerChoices, name: str, *, epsilon: float = BN_EPSILON):
     if choices.norm == "group":
         groups = math.gcd(32, x.shape[-1])
         return layers.GroupNormalization(groups=groups, name=f"{name}_gn")(x)
-    if choices.norm == "layer":
-        return layers.LayerNormalization(axis=-1, name=f"{name}_ln")(x)
+    if choices.norm == "layer":  # the seeds' (PyTorch's LayerNorm([C, H, W])): per feature
+        return layers.LayerNormalization(axis=(1, 2, 3), name=f"{name}_ln")(x)
+    if choices.norm == "layer_channels":  # ConvNeXt's: over each pixel's channels
+        return layers.LayerNormalization(axis=-1, name=f"{name}_lnc")(x)
     return x
 
 

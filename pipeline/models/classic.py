@@ -209,6 +209,7 @@ def classic_head(
     imagenet_size=32,
     default_head="classic",
     valid_convs=True,
+    valid_padding=True,
     fixed_choices=(("kernel_size", "its convolutions are the paper's 5x5"),),
 )
 def lenet5(
@@ -253,7 +254,7 @@ def lenet5(
     return keras.Model(inputs, outputs, name="lenet5")
 
 
-@register_model("alexnet", family="alexnet", min_size=7, default_head="classic")
+@register_model("alexnet", family="alexnet", min_size=7, default_head="classic", valid_padding=True)
 def alexnet(
     input_shape,
     num_classes,
@@ -344,12 +345,12 @@ def hand_written_vgg(
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("vgg11", family="vgg", default_head="classic")
+@register_model("vgg11", family="vgg", default_head="classic", valid_padding=True)
 def vgg11(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     return hand_written_vgg(input_shape, num_classes, choices=choices, name="vgg11", **options)
 
 
-@register_model("vgg13", family="vgg", default_head="classic")
+@register_model("vgg13", family="vgg", default_head="classic", valid_padding=True)
 def vgg13(input_shape, num_classes, choices=DEFAULT_CHOICES, **options):
     return hand_written_vgg(input_shape, num_classes, choices=choices, name="vgg13", **options)
 

@@ -107,6 +107,11 @@ def _check_segmentation(cfg: ModelConfig, image_shape, names: list[str]) -> None
     for key, reason in refusals.items():
         if _changed(cfg, key):
             raise ConfigError(f"model.{key} applies to {reason}: leave it at {_default_text(key)}")
+    if cfg.padding == "valid":
+        raise ConfigError(
+            "model.padding valid applies to plain classifiers; a segmentation model's skips "
+            "and per-pixel head need maps of the image's size: leave it at zeros"
+        )
     choices = layer_choices(cfg)
     if cfg.encoder == PLAIN:
         # The paper's encoder takes every operator choice, as a hand-written family does.

@@ -36,6 +36,9 @@ class ModelSpec:
     # without small_input every conv is unpadded ('valid', LeNet): model.padding reaches
     # only a dilated conv's or a strided downsampling's padding
     valid_convs: bool = False
+    # model.padding valid (every convolution unpadded, maps shrinking by k - 1) builds: no
+    # residual add or concatenation needs two maps of one size
+    valid_padding: bool = False
     # the builder takes `class_token` (a ViT classifying from a class token)
     class_token: bool = False
     # how the family's published weights want pixels scaled (`blocks.input_scaling`):

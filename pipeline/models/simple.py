@@ -30,7 +30,7 @@ SEEDS_FILTERS = (64, 128, 256)
 SEEDS_HIDDEN = 128
 
 
-@register_model("simple_cnn", family="simple")
+@register_model("simple_cnn", family="simple", valid_padding=True)
 def simple_cnn(
     input_shape,
     num_classes,
@@ -63,6 +63,7 @@ def simple_cnn(
     family="simple",
     default_head="classic",
     small_input=False,
+    valid_padding=True,
 )
 def seeds_simple_cnn(
     input_shape,

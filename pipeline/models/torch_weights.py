@@ -268,8 +268,11 @@ def settings_of(model, arch: str):
     if family != "vit":
         if any(isinstance(layer, keras.layers.GroupNormalization) for layer in layers):
             norm = "group"
-        elif any(isinstance(layer, keras.layers.LayerNormalization) for layer in layers):
-            norm = "layer"
+        elif lns := [
+            layer for layer in layers if isinstance(layer, keras.layers.LayerNormalization)
+        ]:
+            per_sample = any(np.size(ln.axis) == 3 for ln in lns)  # over H, W and C
+            norm = "layer" if per_sample else "layer_channels"
         elif not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers):
             norm = "none"
     activation = "relu"

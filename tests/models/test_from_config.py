@@ -43,12 +43,16 @@ CHANGES = [
     ("groups=2", {"groups": 2}, None),
     ("conv=group,groups=2", {"conv": "group", "groups": 2}, {"conv": "group"}),
     ("conv=group,groups=8", {"conv": "group", "groups": 8}, {"conv": "group"}),
-    *((f"norm={n}", {"norm": n}, None) for n in ("group", "layer", "none")),
+    *((f"norm={n}", {"norm": n}, None) for n in ("group", "layer", "layer_channels", "none")),
+    ("norm=layer_channels vs layer", {"norm": "layer_channels"}, {"norm": "layer"}),
     *(
         (f"activation={a}", {"activation": a}, None)
         for a in ("leaky_relu", "elu", "gelu", "sigmoid", "tanh")
     ),
-    *((f"padding={p}", {"padding": p}, None) for p in ("reflect", "replicate", "circular")),
+    *(
+        (f"padding={p}", {"padding": p}, None)
+        for p in ("reflect", "replicate", "circular", "valid")
+    ),
     ("padding=reflect,small_input=false", {"padding": "reflect", "small_input": False}, None),
     *((f"downsample={d}", {"downsample": d}, None) for d in ("avg", "strided", "max_avg")),
     ("kernel_size=5", {"kernel_size": 5}, None),

@@ -153,6 +153,22 @@ def test_norm_choices(kind, layer_type):
     assert isinstance(model.layers[-1], layer_type)
 
 
+def test_layer_norms_are_the_seeds_per_sample_one_and_convnexts_per_pixel_one():
+    """norm: layer (the seeds' LayerNorm): mean and variance over each sample's H x W x C
+    features, a scale and shift per feature (2 * H * W * C); layer_channels (ConvNeXt's):
+    over each pixel's C channels, a scale and shift per channel (2 * C)."""
+    x = np.random.default_rng(0).normal(3, 2, size=(2, 4, 5, 6)).astype(np.float32)
+    eps = 1e-3  # Keras's LayerNormalization default
+    for kind, axes, params in (("layer", (1, 2, 3), 2 * 4 * 5 * 6), ("layer_channels", -1, 12)):
+        inputs = keras.Input((4, 5, 6))
+        model = keras.Model(inputs, norm(inputs, LayerChoices(norm=kind), name="n"))
+        mean, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(model(x)), (x - mean) / np.sqrt(var + eps), atol=1e-4
+        )
+        assert model.count_params() == params, kind
+
+
 def test_no_norm_gives_the_conv_a_bias():
     inputs = keras.Input((4, 4, 3))
     model = keras.Model(
@@ -319,3 +335,22 @@ def test_new_choices_survive_save_and_load(tmp_path):
     assert loaded.get_layer("stage1_1_conv").kernel_size == (5, 5)
     assert loaded.get_layer("stage1_1_conv").dilation_rate == (3, 3)
     assert loaded.get_layer("stage2_1_conv").input.shape[-1] == 2 * 8  # max and avg channels
+
+
+def test_valid_padding_shrinks_each_map_by_k_minus_1_and_refuses_what_it_cannot_build():
+    """The seeds' unpadded ('valid') convolutions: seeds_simple_cnn at 32x32 goes
+    32 -conv-> 30 -pool-> 15 -conv-> 13 -pool-> 7 -conv-> 5 -pool-> 3 (pools keep 'same'),
+    with the parameters of the padded model; at 8x8 it runs out of pixels: one line."""
+    from pipeline.errors import ConfigError
+    from pipeline.models.architectures import build_model
+
+    valid = LayerChoices(padding="valid")
+    model = build_model("seeds_simple_cnn", (32, 32, 3), 10, choices=valid)
+    padded = build_model("seeds_simple_cnn", (32, 32, 3), 10)
+    sides = [model.get_layer(f"block{b}_conv").output.shape[1] for b in (1, 2, 3)]
+    assert sides == [30, 13, 5]
+    assert model.get_layer("head_pool").input.shape[1:3] == (3, 3)
+    assert model.count_params() == padded.count_params()
+    with pytest.raises(ConfigError, match="model.padding valid: seeds_simple_cnn") as refused:
+        build_model("seeds_simple_cnn", (8, 8, 3), 10, choices=valid)
+    assert "\n" not in str(refused.value)
