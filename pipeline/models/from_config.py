@@ -76,7 +76,25 @@ def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int] | None = Non
         cfg.drop_path,
         small_input=cfg.small_input,
     )
+    if cfg.padding == "valid" and image_shape is not None:
+        _check_valid_padding_fits(cfg, image_shape)
     check_pretrained(cfg, layer_choices(cfg))
+
+
+def _check_valid_padding_fits(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    """model.padding valid shrinks every map by k - 1 a convolution: build the model at the
+    narrowest width (map sizes do not depend on it) to refuse, before training writes
+    anything, an image it would run out of (`architectures.build_model` says so)."""
+    from pipeline.models.architectures import build_model
+
+    build_model(
+        cfg.arch,
+        image_shape,
+        2,
+        width_multiplier=1 / 64,
+        small_input=cfg.small_input,
+        choices=layer_choices(cfg),
+    )
 
 
 def _check_segmentation(cfg: ModelConfig, image_shape, names: list[str]) -> None:

@@ -48,9 +48,20 @@ def run(args: list[str], cwd: Path, check: bool = True, **env: str) -> subproces
     return done
 
 
+def as_a_terminal_job() -> None:
+    """In the child, before exec: SIGINT and SIGTERM at their defaults and unblocked, as a
+    shell starts a foreground job. An ignored or blocked signal survives exec, and the
+    pytest worker's may not be a terminal's: some earlier test's library, in the same
+    worker, left SIGINT ignored there (twice in full runs of the suite); dvc and the
+    trainer then ignored Ctrl-C and the test failed for a reason no user meets."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def start_training(repo: Path, log: Path, **env: str) -> subprocess.Popen:
     """`dvc repro train` in a new session, so that its process group is DVC's and its
-    children's, as a terminal's job is."""
+    children's, as a terminal's job is, with a terminal job's signal handling."""
     with open(log, "w") as out:
         return subprocess.Popen(
             ["dvc", "repro", "train"],
@@ -59,6 +70,7 @@ def start_training(repo: Path, log: Path, **env: str) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=as_a_terminal_job,
         )
 
 

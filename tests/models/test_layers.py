@@ -354,3 +354,11 @@ def test_valid_padding_shrinks_each_map_by_k_minus_1_and_refuses_what_it_cannot_
     with pytest.raises(ConfigError, match="model.padding valid: seeds_simple_cnn") as refused:
         build_model("seeds_simple_cnn", (8, 8, 3), 10, choices=valid)
     assert "\n" not in str(refused.value)
+    # and before training writes anything: check_model, with the data's image shape
+    from pipeline.config import ModelConfig
+    from pipeline.models.from_config import check_model
+
+    cfg = ModelConfig(arch="simple_cnn", padding="valid")
+    check_model(cfg, (32, 32, 3))
+    with pytest.raises(ConfigError, match="model.padding valid: simple_cnn"):
+        check_model(cfg, (16, 16, 1))
