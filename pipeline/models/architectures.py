@@ -174,20 +174,19 @@ def build_model(
     extra = {"drop_path": drop_path} if spec.drop_path else {}
     if spec.class_token:
         extra["class_token"] = class_token
-    kwargs = {
-        "dropout": dropout,
-        "width_multiplier": width_multiplier,
-        "small_input": small_input,
-        "choices": choices,
-        "input_norm": input_norm,
-        **extra,
-    }
-    if choices.padding != "valid":
-        return spec.builder(tuple(input_shape), num_classes, **kwargs)
     try:
-        return spec.builder(tuple(input_shape), num_classes, **kwargs)
+        return spec.builder(
+            tuple(input_shape),
+            num_classes,
+            dropout=dropout,
+            width_multiplier=width_multiplier,
+            small_input=small_input,
+            choices=choices,
+            input_norm=input_norm,
+            **extra,
+        )
     except ValueError as error:  # Keras: a map below a kernel's size
-        if "negative" not in str(error).lower():
+        if choices.padding != "valid" or "negative" not in str(error).lower():
             raise
         raise ConfigError(
             f"model.padding valid: {name}'s unpadded convolutions (each takes k - 1 pixels) "

@@ -290,16 +290,14 @@ def pool(x, choices: LayerChoices, name: str, *, pool_size: int, strides: int, p
     (torch.cat([max_pool(x), avg_pool(x)], dim=1): max channels first, then average)."""
     from keras import layers
 
-    kinds = {"max": ["max"], "avg": ["avg"], "max_avg": ["max", "avg"]}[choices.downsample]
+    kinds = ("max", "avg") if choices.downsample == "max_avg" else (choices.downsample,)
     pools = [
         {"max": layers.MaxPooling2D, "avg": layers.AveragePooling2D}[kind](
             pool_size, strides=strides, padding=padding, name=f"{name}_{kind}pool"
         )(x)
         for kind in kinds
     ]
-    if len(pools) == 1:
-        return pools[0]
-    return layers.Concatenate(name=f"{name}_max_avg")(pools)
+    return pools[0] if len(pools) == 1 else layers.Concatenate(name=f"{name}_max_avg")(pools)
 
 
 def centred_max_pool(x, pool_size: int, *, strides: int, name: str):
